@@ -1,0 +1,36 @@
+"""The ``distdet`` command line: one subcommand per module in :mod:`distdet.commands`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+#: Subcommand modules; each defines ``register(subparsers)`` that adds its parser and
+#: sets ``func(args) -> int`` as the parser default.
+COMMAND_MODULES: tuple[str, ...] = (
+    "check_data",
+    "make_synthetic",
+    "train",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distdet",
+        description="Fine-tune, evaluate and run Faster R-CNN on face-mask (PASCAL VOC) data.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"distdet.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen subcommand; return its exit status."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
