@@ -156,10 +156,11 @@ def build_index(
         if n_clamped:
             clamped[stem] = n_clamped
 
+    if not records:
+        problems.append(Problem(ProblemKind.MISSING_IMAGE, data_dir, "no usable image/annotation pairs"))
+        raise DataError(problems, header=f"{len(problems)} problem(s) in {data_dir}:")
     if problems and not lenient:
         raise DataError(problems, header=f"{len(problems)} problem(s) in {data_dir} (use lenient mode to skip these files):")
     for problem in problems:
         log.warning("skipping %s", problem)
-    if not records:
-        raise DataError.single(ProblemKind.MISSING_IMAGE, data_dir, "no usable image/annotation pairs")
     return DataIndex(data_dir=data_dir, class_names=class_names, records=records, problems=problems, clamped=clamped)
