@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lxml import etree
+
 from distdet.classes import CLASS_NAMES
 from distdet.data.images import IMAGE_SUFFIXES, MAX_PIXELS, load_rgb, read_image_size
 from distdet.data.problems import DataError, Problem, ProblemKind
@@ -86,7 +88,7 @@ def _scan(folder: Path, suffixes: tuple[str, ...], problems: list[Problem]) -> d
 
 
 def _index_pair(
-    stem: str, image_path: Path, xml_path: Path, class_names: tuple[str, ...], parser, *,
+    stem: str, image_path: Path, xml_path: Path, class_names: tuple[str, ...], parser: etree.XMLParser, *,
     allow_empty: bool, decode_images: bool, max_pixels: int, max_xml_bytes: int,
 ) -> tuple[ImageRecord, int]:
     """Validate one pair; return its record and clamped-box count or raise DataError."""
