@@ -7,7 +7,8 @@ before any pixel is decoded (decompression bombs); truncated or corrupt files ra
 Conversion matches ``Image.open(p).convert("RGB")`` for the modes Pillow converts faithfully
 (RGB, RGBA and 16-bit RGBA, which Pillow already reduces to 8 bits, palette, L, LA, CMYK ...);
 alpha is dropped, not composited. 16-bit greyscale (``I;16*``, ``I``) is scaled by 1/256,
-because Pillow's own conversion would clip every value above 255 to white.
+because Pillow's own conversion would clip every value above 255 to white. EXIF orientation
+is not applied: VOC boxes refer to the pixels as stored.
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lxml import etree
+
 from distdet.classes import CLASS_NAMES
 from distdet.data.images import IMAGE_SUFFIXES, MAX_PIXELS, load_rgb, read_image_size
 from distdet.data.problems import DataError, Problem, ProblemKind
@@ -86,7 +88,7 @@ def _scan(folder: Path, suffixes: tuple[str, ...], problems: list[Problem]) -> d
 
 
 def _index_pair(
-    stem: str, image_path: Path, xml_path: Path, class_names: tuple[str, ...], parser, *,
+    stem: str, image_path: Path, xml_path: Path, class_names: tuple[str, ...], parser: etree.XMLParser, *,
     allow_empty: bool, decode_images: bool, max_pixels: int, max_xml_bytes: int,
 ) -> tuple[ImageRecord, int]:
     """Validate one pair; return its record and clamped-box count or raise DataError."""
@@ -156,10 +158,11 @@ def build_index(
         if n_clamped:
             clamped[stem] = n_clamped
 
+    if not records:
+        problems.append(Problem(ProblemKind.MISSING_IMAGE, data_dir, "no usable image/annotation pairs"))
+        raise DataError(problems, header=f"{len(problems)} problem(s) in {data_dir}:")
     if problems and not lenient:
         raise DataError(problems, header=f"{len(problems)} problem(s) in {data_dir} (use lenient mode to skip these files):")
     for problem in problems:
         log.warning("skipping %s", problem)
-    if not records:
-        raise DataError.single(ProblemKind.MISSING_IMAGE, data_dir, "no usable image/annotation pairs")
     return DataIndex(data_dir=data_dir, class_names=class_names, records=records, problems=problems, clamped=clamped)

@@ -48,8 +48,9 @@ def select_records(records: Sequence[ImageRecord], stems: Sequence[str]) -> list
     unknown = [s for s in stems if s not in by_stem]
     if unknown:
         shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        where = records[0].image_path.parent if records else Path(".")
         raise DataError.single(
-            ProblemKind.MISSING_IMAGE, Path("<split>"), f"{len(unknown)} stem(s) of the split are not in the dataset: {shown}"
+            ProblemKind.MISSING_IMAGE, where, f"{len(unknown)} stem(s) of the split are not in the dataset: {shown}"
         )
     return [by_stem[s] for s in stems]
 

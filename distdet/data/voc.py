@@ -24,7 +24,7 @@ from distdet.data.problems import DataError, Problem, ProblemKind
 #: Largest annotation file accepted (the real ones are about 1 KiB).
 MAX_XML_BYTES = 1 << 20
 
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 _COORDS = ("xmin", "ymin", "xmax", "ymax")
 
 
