@@ -3,7 +3,7 @@
 `SlurmCluster` writes a slurm.conf into a temporary folder (state, spool, pid and log files all
 live there), starts `slurmctld` and `slurmd` in the foreground as child processes, waits until
 `sinfo` reports the node idle, and on `stop()` cancels the jobs still queued and terminates
-exactly the two daemons it started (by pid). Clients reach it through `cluster.env`
+exactly the daemons it started (by pid). Clients reach it through `cluster.env`
 (`SLURM_CONF` points at the generated config).
 
 The pytest fixture `slurm_cluster` (session scope) skips with a message naming the missing
@@ -11,18 +11,23 @@ binaries or the failed start. Import it into a test module with
 `from slurm_cluster import slurm_cluster`. Starting the daemons needs root (SlurmUser=root,
 AuthType=auth/none); `tests/install_slurm.sh` installs the Debian packages.
 
-Run by hand: `python tests/slurm_cluster.py` starts a cluster, prints the environment to use,
-and stops it on Ctrl-C.
+`SlurmCluster(nodes=2)` (fixture `slurm_cluster_2nodes`) runs each slurmd in its own network
+namespace joined by a bridge, a real 2-node cluster on one machine.
+
+Run by hand: `python tests/slurm_cluster.py [NODES]` starts a cluster, prints the environment
+to use, and stops it on Ctrl-C.
 """
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -74,12 +79,23 @@ def _node_hardware() -> str:
     return " ".join(f"{k}={fields[k]}" for k in keep if k in fields) + f" RealMemory={memory_mb}"
 
 
-def render_config(root: Path, ctld_port: int, slurmd_port: int, hardware: str) -> str:
-    """slurm.conf text for a one-node cluster whose files all live under `root`."""
+@dataclass(frozen=True)
+class Node:
+    """One slurmd: its node name, the address Slurm reaches it at, its network namespace."""
+
+    name: str
+    addr: str
+    netns: str | None = None
+
+
+def render_config(root: Path, ctld_port: int, slurmd_port: int, hardware: str, nodes: Sequence[Node],
+                  ctld_addr: str | None = None) -> str:
+    """slurm.conf text for a cluster whose files all live under `root` (per-node paths use %n)."""
+    controller = "localhost" if ctld_addr is None else f"localhost({ctld_addr})"
     return "\n".join(
         [
             "ClusterName=distdettest",
-            f"SlurmctldHost={NODE_NAME}",
+            f"SlurmctldHost={controller}",
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={slurmd_port}",
             "SlurmUser=root",
@@ -87,11 +103,11 @@ def render_config(root: Path, ctld_port: int, slurmd_port: int, hardware: str) -
             "AuthType=auth/none",
             "CredType=cred/none",
             f"StateSaveLocation={root / 'state'}",
-            f"SlurmdSpoolDir={root / 'spool'}",
+            f"SlurmdSpoolDir={root / 'spool' / '%n'}",
             f"SlurmctldPidFile={root / 'slurmctld.pid'}",
-            f"SlurmdPidFile={root / 'slurmd.pid'}",
+            f"SlurmdPidFile={root / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={root / 'slurmctld.log'}",
-            f"SlurmdLogFile={root / 'slurmd.log'}",
+            f"SlurmdLogFile={root / 'slurmd-%n.log'}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "MpiDefault=none",
@@ -110,49 +126,122 @@ def render_config(root: Path, ctld_port: int, slurmd_port: int, hardware: str) -
             "KillWait=10",
             "InactiveLimit=0",
             "MinJobAge=600",
-            f"NodeName={NODE_NAME} NodeAddr=127.0.0.1 {hardware} State=UNKNOWN",
-            f"PartitionName={PARTITION} Nodes={NODE_NAME} Default=YES MaxTime=INFINITE State=UP",
+            *(f"NodeName={n.name} NodeAddr={n.addr} {hardware} State=UNKNOWN" for n in nodes),
+            f"PartitionName={PARTITION} Nodes={','.join(n.name for n in nodes)} Default=YES MaxTime=INFINITE State=UP",
             "",
         ]
     )
 
 
-class SlurmCluster:
-    """A one-node Slurm cluster on localhost whose daemons are children of this process."""
+class NetworkUnavailable(RuntimeError):
+    """Network namespaces, veth pairs or bridges cannot be created here."""
 
-    def __init__(self, root: Path | None = None) -> None:
+
+class _Network:
+    """A bridge with one veth pair per node namespace: nodes reach each other and the
+    controller (on the bridge's address) over TCP, like separate machines."""
+
+    def __init__(self, count: int) -> None:
+        taken = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        subnet = next(n for n in random.sample(range(1, 250), 249) if f"ddbr{n}:" not in taken)
+        self.prefix = f"10.77.{subnet}"
+        self.bridge = f"ddbr{subnet}"
+        self.controller_addr = f"{self.prefix}.1"
+        self.nodes = [Node(f"n{i}", f"{self.prefix}.{10 + i}", f"distdet-{subnet}-n{i}") for i in range(1, count + 1)]
+        self._host_ends = [f"ddh{subnet}n{i}" for i in range(1, count + 1)]
+        self._created: list[tuple[str, str]] = []
+
+    def _ip(self, *args: str, netns: str | None = None) -> None:
+        argv = ["ip", *args] if netns is None else ["ip", "netns", "exec", netns, "ip", *args]
+        result = subprocess.run(argv, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise NetworkUnavailable(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+
+    def create(self) -> None:
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        self._created.append(("link", self.bridge))
+        self._ip("addr", "add", f"{self.controller_addr}/24", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+        for node, host_end in zip(self.nodes, self._host_ends):
+            peer = host_end.replace("ddh", "ddp")
+            self._ip("netns", "add", node.netns)
+            self._created.append(("netns", node.netns))
+            self._ip("link", "add", host_end, "type", "veth", "peer", "name", peer)
+            self._created.append(("link", host_end))
+            self._ip("link", "set", peer, "netns", node.netns)
+            self._ip("link", "set", host_end, "master", self.bridge)
+            self._ip("link", "set", host_end, "up")
+            self._ip("addr", "add", f"{node.addr}/24", "dev", peer, netns=node.netns)
+            self._ip("link", "set", peer, "up", netns=node.netns)
+            self._ip("link", "set", "lo", "up", netns=node.netns)
+
+    def remove(self) -> None:
+        """Delete exactly what create() made, newest first."""
+        for kind, name in reversed(self._created):
+            argv = ["ip", "link", "del", name] if kind == "link" else ["ip", "netns", "del", name]
+            subprocess.run(argv, capture_output=True)
+        self._created.clear()
+
+
+class SlurmCluster:
+    """A Slurm cluster on this machine whose daemons are children of this process.
+
+    `nodes=1`: one node, `localhost`, on 127.0.0.1. `nodes=N>1`: N nodes `n1..nN`, each slurmd in
+    its own network namespace joined by a bridge (needs root and iproute2), so that the nodes
+    talk over TCP as separate machines do; they share this machine's CPUs and filesystem.
+    """
+
+    def __init__(self, root: Path | None = None, *, nodes: int = 1) -> None:
         self._own_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="distdet-slurm-")) if root is None else Path(root)
         self.conf = self.root / "slurm.conf"
         self.env: dict[str, str] = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._daemons: dict[str, subprocess.Popen] = {}
+        self._network = _Network(nodes) if nodes > 1 else None
+        self.nodes = self._network.nodes if self._network else [Node(NODE_NAME, "127.0.0.1")]
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> "SlurmCluster":
-        """Write the config, start both daemons, and return once the node is idle.
+        """Write the config, start the daemons, and return once every node is idle.
 
-        Raises RuntimeError (with the tail of the daemon logs) when the node does not come up.
+        Raises RuntimeError (with the tail of the daemon logs) when a node does not come up.
         """
-        for sub in ("state", "spool"):
+        for sub in ["state", *(f"spool/{n.name}" for n in self.nodes)]:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        ctld_addr = None
+        if self._network is not None:
+            try:
+                self._network.create()
+            except NetworkUnavailable:
+                self._network.remove()
+                raise
+            ctld_addr = self._network.controller_addr
         ctld_port, slurmd_port = _free_ports(2)
-        self.conf.write_text(render_config(self.root, ctld_port, slurmd_port, _node_hardware()))
+        self.conf.write_text(render_config(self.root, ctld_port, slurmd_port, _node_hardware(), self.nodes, ctld_addr))
         self._spawn("slurmctld", [_binary("slurmctld"), "-D", "-f", str(self.conf)])
-        self._spawn("slurmd", [_binary("slurmd"), "-D", "-f", str(self.conf), "-N", NODE_NAME])
+        for node in self.nodes:
+            slurmd = [_binary("slurmd"), "-D", "-f", str(self.conf), "-N", node.name]
+            # nsenter enters only the network namespace (`ip netns exec` would also remount /sys,
+            # hiding /sys/fs/cgroup from slurmd) and execs slurmd, so the pid is slurmd's own.
+            if node.netns:
+                slurmd = [_binary("nsenter"), f"--net=/var/run/netns/{node.netns}", *slurmd]
+            self._spawn(f"slurmd-{node.name}", slurmd)
         deadline = time.monotonic() + timeout
-        state = ""
+        states: dict[str, str] = {}
         while time.monotonic() < deadline:
             for name, proc in self._daemons.items():
                 if proc.poll() is not None:
+                    logs = self.logs()
                     self.stop()
-                    raise RuntimeError(f"{name} exited with status {proc.returncode}\n{self.logs()}")
-            result = self.run(["sinfo", "-h", "-n", NODE_NAME, "-o", "%t"], check=False)
-            state = result.stdout.strip()
-            if result.returncode == 0 and state == "idle":
+                    raise RuntimeError(f"{name} exited with status {proc.returncode}\n{logs}")
+            result = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], check=False)
+            states = dict(line.split() for line in result.stdout.splitlines() if len(line.split()) == 2)
+            if result.returncode == 0 and all(states.get(n.name) == "idle" for n in self.nodes):
                 return self
             time.sleep(0.2)
+        logs = self.logs()
         self.stop()
-        raise RuntimeError(f"node {NODE_NAME} not idle after {timeout:.0f}s (state {state!r})\n{self.logs()}")
+        raise RuntimeError(f"nodes not idle after {timeout:.0f}s (states {states})\n{logs}")
 
     def _spawn(self, name: str, argv: Sequence[str]) -> None:
         log = open(self.root / f"{name}.stdout", "wb")
@@ -164,7 +253,8 @@ class SlurmCluster:
             log.close()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel this cluster's remaining jobs, then stop exactly the daemons started here."""
+        """Cancel this cluster's remaining jobs, stop exactly the daemons started here, and
+        remove the network namespaces this object created."""
         if self._daemons.get("slurmctld") is not None and self._daemons["slurmctld"].poll() is None:
             jobs = self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split()
             if jobs:
@@ -172,9 +262,9 @@ class SlurmCluster:
                 deadline = time.monotonic() + timeout
                 while time.monotonic() < deadline and self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.strip():
                     time.sleep(0.3)
-        for name in ("slurmd", "slurmctld"):
-            proc = self._daemons.pop(name, None)
-            if proc is None or proc.poll() is not None:
+        for name in sorted(self._daemons, key=lambda n: n == "slurmctld"):  # slurmd first
+            proc = self._daemons.pop(name)
+            if proc.poll() is not None:
                 continue
             proc.send_signal(signal.SIGTERM)
             try:
@@ -182,6 +272,8 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._network is not None:
+            self._network.remove()
 
     def cleanup(self) -> None:
         """Stop the daemons and delete the temporary folder (if this object created it)."""
@@ -240,18 +332,13 @@ class SlurmCluster:
     def logs(self, lines: int = 30) -> str:
         """The tail of each daemon's log, for error messages."""
         parts = []
-        for name in DAEMONS:
-            for suffix in (".log", ".stdout"):
-                path = self.root / f"{name}{suffix}"
-                if path.exists():
-                    text = path.read_text(errors="replace").splitlines()[-lines:]
-                    parts.append(f"--- {path}\n" + "\n".join(text))
+        for path in sorted(self.root.glob("slurm*.log")) + sorted(self.root.glob("slurm*.stdout")):
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path}\n" + "\n".join(text))
         return "\n".join(parts)
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """A running one-node Slurm cluster for the whole test session (skips when unavailable)."""
+def _skip_without_slurm() -> None:
     missing = missing_binaries()
     if missing:
         pytest.skip(
@@ -259,16 +346,43 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         )
     if os.geteuid() != 0:
         pytest.skip("the test Slurm cluster runs its daemons as root (SlurmUser=root); run the tests as root")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """A running one-node Slurm cluster for the whole test session (skips when Slurm is not
+    installed; a cluster that is installed but does not start is an error)."""
+    _skip_without_slurm()
     cluster = SlurmCluster()
     try:
-        cluster.start()  # installed but failing to start is an error, not a skip
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster_2nodes() -> Iterator[SlurmCluster]:
+    """A running two-node cluster, each slurmd in its own network namespace (skips when Slurm
+    is not installed or network namespaces cannot be made here)."""
+    _skip_without_slurm()
+    if shutil.which("ip") is None and not Path("/usr/sbin/ip").exists():
+        pytest.skip("iproute2's `ip` is not installed: no network namespaces for a 2-node cluster")
+    cluster = SlurmCluster(nodes=2)
+    try:
+        try:
+            cluster.start()
+        except NetworkUnavailable as err:
+            pytest.skip(f"cannot build a 2-node network here: {err}")
         yield cluster
     finally:
         cluster.cleanup()
 
 
 if __name__ == "__main__":
-    with SlurmCluster() as running:
+    import sys
+
+    with SlurmCluster(nodes=int(sys.argv[1]) if len(sys.argv) > 1 else 1) as running:
         print(f"Slurm cluster up (pids {running.pids}); in another shell:\n  export SLURM_CONF={running.conf}")
         try:
             signal.pause()

@@ -22,8 +22,9 @@ from distdet.launch.slurm import (
     launch_environment,
     plan_node,
     port_for_job,
+    route_interface,
 )
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (fixture)
+from slurm_cluster import SlurmCluster, slurm_cluster, slurm_cluster_2nodes  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH_DIR = REPO / "launch" / "slurm"
@@ -185,6 +186,32 @@ def test_launch_environment_drops_inherited_launcher_variables():
     assert cmd[cmd.index("--num_processes") + 1] == "4"
 
 
+def _local_interfaces() -> dict[str, str]:
+    import fcntl
+    import socket
+    import struct
+
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue
+            found[name] = socket.inet_ntoa(packed[20:24])
+    return found
+
+
+def test_route_interface_names_the_interface_holding_the_address_and_never_loopback():
+    assert route_interface("127.0.0.1") is None
+    assert route_interface("no-such-host.invalid") is None
+    others = {name: ip for name, ip in _local_interfaces().items() if not ip.startswith("127.")}
+    if not others:
+        pytest.skip("this machine has no non-loopback IPv4 interface")
+    for name, ip in others.items():
+        assert route_interface(ip) == name
+
+
 def test_bad_job_environments_are_refused_with_the_variable_named():
     with pytest.raises(LaunchError, match="SLURM_JOB_NODELIST"):
         plan_node({"SLURM_JOB_ID": "1", "SLURM_NODEID": "0"})
@@ -250,6 +277,27 @@ def _reports(run_dir: Path, restart: int) -> list[dict]:
 
 
 @slurm_mark
+def test_multi_node_script_runs_one_gloo_group_across_two_slurm_nodes(slurm_cluster_2nodes: SlurmCluster, tmp_path):
+    cluster = slurm_cluster_2nodes
+    job_id, run_dir = _submit(cluster, tmp_path, script="multi_node.sbatch", DISTDET_CPU_PROCS="1")  # --nodes=2 in the script
+    state, exit_code = cluster.wait_for_job(job_id, timeout=240)
+    logs = {p.name: p.read_text() for p in (run_dir / "logs").glob("node*.log")}
+    assert (state, exit_code) == ("COMPLETED", "0:0"), logs
+    assert sorted(logs) == ["node0.log", "node1.log"]  # one log per node
+    reports = _reports(run_dir, 0)
+    first_node = cluster.nodes[0]
+    assert [(r["rank"], r["env"]["SLURM_NODEID"], r["env"]["SLURMD_NODENAME"]) for r in reports] == [
+        (0, "0", first_node.name), (1, "1", cluster.nodes[1].name)]
+    for r in reports:
+        assert r["num_processes"] == 2 and r["dist_world_size"] == 2 and r["dist_backend"] == "gloo"
+        assert r["all_reduce_sum"] == 3.0  # 1 + 2: the two nodes really exchanged data
+        assert r["env"]["MASTER_ADDR"] == first_node.addr  # the first node's NodeAddr
+        assert r["env"]["MASTER_PORT"] == str(port_for_job(job_id))
+        assert r["extra_args"] == []
+    assert all("GLOO_SOCKET_IFNAME=" in text for text in logs.values())
+
+
+@slurm_mark
 def test_single_node_script_starts_two_real_gloo_ranks_on_cpu(slurm_cluster: SlurmCluster, tmp_path):
     job_id, run_dir = _submit(slurm_cluster, tmp_path, "--extra", "passed")
     state, exit_code = slurm_cluster.wait_for_job(job_id, timeout=240)
@@ -259,6 +307,7 @@ def test_single_node_script_starts_two_real_gloo_ranks_on_cpu(slurm_cluster: Slu
     assert [r["rank"] for r in reports] == [0, 1]
     for r in reports:
         assert r["num_processes"] == 2 and r["dist_world_size"] == 2 and r["dist_backend"] == "gloo"
+        assert r["all_reduce_sum"] == 3.0
         assert r["resume"] == "auto" and r["extra_args"] == ["--extra", "passed"]
         assert r["env"]["LOCAL_WORLD_SIZE"] == "2"
         assert r["env"]["MASTER_PORT"] == str(port_for_job(job_id))

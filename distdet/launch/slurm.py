@@ -23,7 +23,9 @@ script builds ``Accelerator(cpu=True)``); ``--cpu --num_processes 2``, ``distrib
 MULTI_CPU`` and ``use_cpu: true`` in a MULTI_GPU config each silently give single-process
 workers. So CPU jobs with more than one process use the multi-GPU launcher plus that variable.
 
-Torch/Slurm variables inherited from the job (``RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+On several machines, ``GLOO_SOCKET_IFNAME`` (unless set) names the interface that leads to the
+main node, because gloo's default (the address of this machine's host name) is often a
+loopback address. Torch/Slurm variables inherited from the job (``RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
 ``MASTER_ADDR`` ...) are removed before launching; Accelerate's launcher sets its own. Slurm's
 ``SLURM_NTASKS_PER_NODE`` is never used (it is empty unless ``--ntasks-per-node`` was given).
 
@@ -38,11 +40,14 @@ the job, one line each) as ``node RANK (HOST): VAR=VALUE ... COMMAND``.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -53,6 +58,7 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "launch" / "accelerate"
 BASE_PORT = 29500
 PORT_SPREAD = 1000
+_SIOCGIFADDR = 0x8915
 #: Launcher variables a job may inherit that must not reach Accelerate's launcher.
 INHERITED_DIST_VARS = (
     "RANK",
@@ -163,6 +169,34 @@ def node_address(host: str, env: Mapping[str, str] | None = None) -> str:
         if match and match.group(1) not in ("", "(null)"):
             return match.group(1)
     return host
+
+
+def _interface_ipv4(sock: socket.socket, name: str) -> str | None:
+    try:
+        packed = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
+    except OSError:
+        return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def route_interface(address: str) -> str | None:
+    """Name of the local network interface that traffic to ``address`` leaves by (Linux), or
+    None when it cannot be told or is the loopback. Gloo otherwise binds to the address this
+    machine's host name resolves to, which is often 127.0.x.1 in /etc/hosts: the other nodes
+    then cannot connect (measured on a 2-node test cluster)."""
+    try:
+        target = socket.gethostbyname(address)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((target, 9))  # UDP: picks the route, sends nothing
+            local = probe.getsockname()[0]
+            if local.startswith("127."):
+                return None
+            for _, name in socket.if_nameindex():
+                if _interface_ipv4(probe, name) == local:
+                    return name
+    except OSError:
+        return None
+    return None
 
 
 # -- plan ------------------------------------------------------------------------------------
@@ -320,9 +354,12 @@ def accelerate_command(
     return cmd + [train_script, *train_args]
 
 
-def launch_environment(plan: NodeLaunch, base: Mapping[str, str]) -> dict[str, str]:
-    """``base`` without inherited launcher variables, plus what a CPU launch needs."""
+def launch_environment(plan: NodeLaunch, base: Mapping[str, str], gloo_ifname: str | None = None) -> dict[str, str]:
+    """``base`` without inherited launcher variables, plus what a CPU launch needs and, when
+    given and not already set, ``GLOO_SOCKET_IFNAME`` (the interface gloo binds to)."""
     env = {k: v for k, v in base.items() if k not in INHERITED_DIST_VARS}
+    if gloo_ifname and not env.get("GLOO_SOCKET_IFNAME"):
+        env["GLOO_SOCKET_IFNAME"] = gloo_ifname
     if plan.use_cpu:
         env["ACCELERATE_USE_CPU"] = "true"
         env.setdefault("OMP_NUM_THREADS", str(plan.threads_per_process))
@@ -333,9 +370,9 @@ def _env_changes(before: Mapping[str, str], after: Mapping[str, str]) -> list[st
     return [f"{k}={shlex.quote(after[k])}" for k in sorted(after) if before.get(k) != after[k]]
 
 
-def describe(plan: NodeLaunch, cmd: Sequence[str], base_env: Mapping[str, str]) -> str:
+def describe(plan: NodeLaunch, cmd: Sequence[str], base_env: Mapping[str, str], gloo_ifname: str | None = None) -> str:
     """One line: ``node RANK (HOST): VAR=VALUE ... COMMAND`` (the variables this module sets)."""
-    changes = _env_changes(base_env, launch_environment(plan, base_env))
+    changes = _env_changes(base_env, launch_environment(plan, base_env, gloo_ifname))
     host = plan.hostnames[plan.machine_rank]
     return f"node {plan.machine_rank} ({host}): " + " ".join(changes + [shlex.join(cmd)])
 
@@ -386,10 +423,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(describe(p, c, env) for p, c in commands), flush=True)
         return 0
     (plan, cmd), = commands
+    ifname = route_interface(plan.main_process_ip) if plan.num_machines > 1 else None
     restarts = env.get("SLURM_RESTART_COUNT", "0")
-    print(f"distdet.launch.slurm: job {env.get('SLURM_JOB_ID')} restart {restarts}: {describe(plan, cmd, env)}", flush=True)
+    line = describe(plan, cmd, env, ifname)
+    print(f"distdet.launch.slurm: job {env.get('SLURM_JOB_ID')} restart {restarts}: {line}", flush=True)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited through exec; see module docstring
-    os.execve(cmd[0], cmd, launch_environment(plan, env))
+    os.execve(cmd[0], cmd, launch_environment(plan, env, ifname))
     return 0  # not reached
 
 

@@ -19,8 +19,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+
+
+def _all_reduce_sum(value: float) -> float:
+    tensor = torch.tensor([value])
+    dist.all_reduce(tensor)
+    return float(tensor.item())
 
 
 def main() -> int:
@@ -45,13 +52,14 @@ def main() -> int:
         "distributed_type": str(accelerator.distributed_type),
         "dist_world_size": dist.get_world_size() if dist.is_initialized() else None,
         "dist_backend": dist.get_backend() if dist.is_initialized() else None,
+        "all_reduce_sum": _all_reduce_sum(rank + 1.0) if dist.is_initialized() else None,
         "resume": args.resume,
         "extra_args": extra,
         "restart": restart,
         "pid": os.getpid(),
         "env": {k: os.environ.get(k) for k in (
             "LOCAL_WORLD_SIZE", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID",
-            "SLURM_NODEID", "ACCELERATE_USE_CPU", "OMP_NUM_THREADS")},
+            "SLURM_NODEID", "SLURMD_NODENAME", "ACCELERATE_USE_CPU", "OMP_NUM_THREADS")},
     }
     if args.fail_rank is not None:
         (args.output_dir / f"probe-restart{restart}-rank{rank}.json").write_text(json.dumps(report, indent=1))
