@@ -277,6 +277,7 @@ def _reports(run_dir: Path, restart: int) -> list[dict]:
 
 
 @slurm_mark
+@pytest.mark.slow
 def test_multi_node_script_runs_one_gloo_group_across_two_slurm_nodes(slurm_cluster_2nodes: SlurmCluster, tmp_path):
     cluster = slurm_cluster_2nodes
     job_id, run_dir = _submit(cluster, tmp_path, script="multi_node.sbatch", DISTDET_CPU_PROCS="1")  # --nodes=2 in the script
@@ -316,15 +317,18 @@ def test_single_node_script_starts_two_real_gloo_ranks_on_cpu(slurm_cluster: Slu
 
 
 @slurm_mark
-def test_usr1_reaches_every_rank_and_the_requeued_job_runs_again(slurm_cluster: SlurmCluster, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["steps", "batch"])
+def test_usr1_reaches_every_rank_and_the_requeued_job_runs_again(slurm_cluster: SlurmCluster, tmp_path, target):
     job_id, run_dir = _submit(slurm_cluster, tmp_path, "--wait-for-usr1")
     deadline = time.monotonic() + 180
     while not all((run_dir / f"ready-rank{k}").exists() for k in (0, 1)):
         assert time.monotonic() < deadline, "the ranks never became ready"
         assert slurm_cluster.job_field(job_id, "JobState") in ("PENDING", "RUNNING"), slurm_cluster.logs()
         time.sleep(0.2)
-    # What Slurm's --signal=USR1@120 does before the time limit: signal every process of the steps.
-    slurm_cluster.run(["scancel", "--signal=USR1", job_id])
+    # "steps": what --signal=USR1@120 does before the time limit (every process of the steps);
+    # "batch": what --signal=B:USR1@120 does (only the batch shell, which passes it on).
+    slurm_cluster.run(["scancel", "--signal=USR1", *(["--batch"] if target == "batch" else []), job_id])
     state, exit_code = slurm_cluster.wait_for_job(job_id, timeout=240)
     assert (state, exit_code) == ("COMPLETED", "0:0"), (run_dir / "logs" / "node0.log").read_text()
     assert slurm_cluster.job_field(job_id, "Restarts") == "1"
@@ -333,9 +337,11 @@ def test_usr1_reaches_every_rank_and_the_requeued_job_runs_again(slurm_cluster: 
     assert [r["rank"] for r in second] == [0, 1] and all(r["num_processes"] == 2 for r in second)
     batch_log = (run_dir / "logs" / "batch.log").read_text()
     assert f"job {job_id} restart 0" in batch_log and f"job {job_id} restart 1" in batch_log
+    assert ("batch shell: SIGUSR1, passing it to the step" in batch_log) == (target == "batch")
 
 
 @slurm_mark
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["raise", "kill"])
 def test_a_failing_rank_ends_the_job_quickly_naming_the_rank(slurm_cluster: SlurmCluster, tmp_path, how):
     job_id, run_dir = _submit(slurm_cluster, tmp_path, "--fail-rank", "1", "--fail-how", how)
