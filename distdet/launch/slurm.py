@@ -25,9 +25,10 @@ workers. So CPU jobs with more than one process use the multi-GPU launcher plus 
 
 On several machines, ``GLOO_SOCKET_IFNAME`` (unless set) names the interface that leads to the
 main node, because gloo's default (the address of this machine's host name) is often a
-loopback address. Torch/Slurm variables inherited from the job (``RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
-``MASTER_ADDR`` ...) are removed before launching; Accelerate's launcher sets its own. Slurm's
-``SLURM_NTASKS_PER_NODE`` is never used (it is empty unless ``--ntasks-per-node`` was given).
+loopback address. Torch/Slurm variables inherited from the job (``RANK``, ``WORLD_SIZE``,
+``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` ...) are removed before launching; Accelerate's launcher
+sets its own. Slurm's ``SLURM_NTASKS_PER_NODE`` is never used (it is empty unless
+``--ntasks-per-node`` was given).
 
 Signals: the launcher process (which becomes torch's elastic agent) ignores SIGUSR1, so Slurm's
 ``--signal=USR1@SECONDS`` warning, which reaches every process of the step, is handled by the
