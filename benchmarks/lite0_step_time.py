@@ -4,7 +4,7 @@ Uses two real face-mask images (maksssksksss0/230, 512x366) with their boxes, so
 number of ground-truth boxes is realistic. Prints the median of N timed steps after a
 warm-up step, for each requested min_size. Run:
 
-    PYTHONPATH=$PWD python benchmarks/lite0_step_time.py --min-sizes 320 512 --steps 5
+    PYTHONPATH=$PWD python benchmarks/lite0_step_time.py --min-sizes 320 512 --steps 5 [--bf16]
 """
 from __future__ import annotations
 
@@ -27,7 +27,10 @@ STEMS = ("maksssksksss0", "maksssksksss230")
 
 def _data_dir() -> Path:
     env = os.environ.get("DISTDET_FACEMASK_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "facemask"
+    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "facemask"
+    if not (path / "images").is_dir():
+        raise SystemExit(f"face-mask dataset not found at {path}; set DISTDET_FACEMASK_DIR")
+    return path
 
 
 def _load(stem: str, data_dir: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -49,6 +52,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fpn-out-channels", type=int, default=128)
     parser.add_argument("--trainable-backbone-layers", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="autocast the forward to bfloat16 (CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -68,7 +72,8 @@ def main() -> None:
         times = []
         for step in range(args.steps + 1):
             start = time.perf_counter()
-            losses = model(images, targets)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                losses = model(images, targets)
             loss = sum(losses.values())
             optimizer.zero_grad()
             loss.backward()
@@ -76,6 +81,7 @@ def main() -> None:
             if step:  # step 0 is warm-up
                 times.append(time.perf_counter() - start)
         print(f"min_size {min_size} (max {min_size * 5 // 3}), fpn {args.fpn_out_channels}, "
+              f"{'bf16' if args.bf16 else 'fp32'}, "
               f"trainable {args.trainable_backbone_layers}: median {statistics.median(times):.2f} s/step "
               f"(min {min(times):.2f}, max {max(times):.2f}, {args.steps} steps), loss {loss.item():.3f}")
 
