@@ -230,3 +230,19 @@ def test_detector_training_step_is_finite_and_leaves_frozen_parts_unchanged() ->
     with torch.no_grad():
         detections = model(images)
     assert len(detections) == 2 and set(detections[0]) == {"boxes", "labels", "scores"}
+
+
+@needs_lite
+def test_registry_builds_lite0_and_rebuilds_it_from_a_card(tmp_path):
+    """build_model's lite0 entry uses the shipped ImageNet weights; the card rebuild needs none."""
+    from distdet.model_card import ModelCard, load_detector_model, save_detector
+    from distdet.models import build_model, uses_frozen_batchnorm
+
+    model = build_model("fasterrcnn_lite0_fpn", 3, backbone_weights="imagenet", min_size=128, max_size=160)
+    assert uses_frozen_batchnorm(model)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+    build = dict(min_size=128, max_size=160, frozen_batchnorm=True)
+    save_detector(model, ModelCard("fasterrcnn_lite0_fpn", ["a", "b", "c"], build), tmp_path)
+    loaded, _ = load_detector_model(tmp_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
