@@ -13,9 +13,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def facemask_dir() -> Path | None:
-    """The real dataset folder, or None when this checkout has no copy."""
-    path = Path(os.environ.get("DISTDET_FACEMASK_DIR") or REPO_ROOT.parent / "shared" / "facemask")
-    return path if (path / "annotations").is_dir() else None
+    """The real dataset: $DISTDET_FACEMASK_DIR, else ``shared/facemask`` beside the checkout
+    (or beside a folder above it, for worktrees); None when there is no copy."""
+    env = os.environ.get("DISTDET_FACEMASK_DIR")
+    candidates = [Path(env)] if env else [p / "shared" / "facemask" for p in REPO_ROOT.parents]
+    return next((c for c in candidates if (c / "annotations").is_dir()), None)
 
 
 def record(stem: str, boxes, labels, difficult=None, width: int = 100, height: int = 100) -> ImageRecord:

@@ -54,8 +54,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(num_processes: int, args: list[str], tmp: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1",
+def _launch(num_processes: int, args: list[str], tmp: Path, reports: Path) -> subprocess.CompletedProcess:
+    reports.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "CHILD_REPORT_DIR": str(reports),
            "EXPECTED_WORLD_SIZE": str(num_processes), "HF_HOME": str(tmp / "hf")}
     mode = ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else \
         ["--cpu", "--num_processes", "1"]
@@ -75,12 +76,13 @@ def evaluated(tmp_path_factory):
     outs = {}
     for n in (1, 2, 3):
         out = root / f"out_{n}"
+        reports = root / f"reports_{n}"
         result = _launch(n, ["evaluate", "--checkpoint", str(root / "run"), "--data-dir", str(data),
-                             "--split", "all", "--batch-size", "2", "--out", str(out)], root)
+                             "--split", "all", "--batch-size", "2", "--out", str(out)], root, reports)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        ranks = sorted(line for line in result.stdout.splitlines() if line.startswith("child rank"))
+        seen = sorted((json.loads(p.read_text()) for p in reports.glob("rank*.json")), key=lambda r: r["rank"])
         backend = "gloo" if n > 1 else "none"
-        assert ranks == [f"child rank {r} of {n} backend {backend} status 0" for r in range(n)]
+        assert seen == [{"rank": r, "world_size": n, "backend": backend, "status": 0} for r in range(n)]
         assert f"on {n} process(es)" in result.stdout
         outs[n] = out
     return root, data, outs

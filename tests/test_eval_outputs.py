@@ -182,3 +182,9 @@ def test_cli_lists_evaluate(tmp_path):
     result = subprocess.run([sys.executable, "-m", "distdet", "evaluate", "--help"], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
     assert result.returncode == 0 and "--predictions" in result.stdout and "--checkpoint" in result.stdout
+
+
+def test_evaluate_reports_missing_checkpoint(dataset, tmp_path, capsys):
+    root, _ = dataset
+    assert run_command(["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--data-dir", str(root)]) == 2
+    assert f"no model weights at {tmp_path / 'nothing'}" in capsys.readouterr().err

@@ -19,6 +19,8 @@ from PIL import Image
 from distdet.classes import CLASS_NAMES
 from distdet.cli import COMMAND_MODULES
 from distdet.commands import make_synthetic as make_synthetic_command
+from distdet.data import DetectionDataset, build_index
+from distdet.data.check import check_data
 from distdet.data.synthetic import (
     MARKER_NAME,
     SYNTHETIC_VERSION,
@@ -112,6 +114,25 @@ def test_annotations_are_valid_voc_with_all_classes(tmp_path: Path) -> None:
     assert marker is not None and marker["version"] == SYNTHETIC_VERSION
     assert marker["objects_per_class"] == counts
     assert marker["params"]["num_images"] == num_images
+
+
+def test_data_layer_reads_synthetic_output_without_problems(tmp_path: Path) -> None:
+    out = make_synthetic_dataset(tmp_path / "idx", num_images=8, seed=4, **SMALL)
+    marker = read_marker(out)
+    index = build_index(out)
+    assert index.problems == []
+    assert [r.stem for r in index.records] == [f"synth_{i:04d}" for i in range(8)]
+    assert sum(r.num_objects for r in index.records) == marker["num_objects"]
+    for record in index.records:
+        _, objects = _read_objects(record.annotation_path)
+        np.testing.assert_array_equal(record.boxes, np.array([b for _, b in objects], dtype=np.float32))
+        assert [CLASS_NAMES[label - 1] for label in record.labels] == [name for name, _ in objects]
+    image, target = DetectionDataset(index.records)[0]
+    assert tuple(image.shape) == (3, 120, 160)
+    assert target["boxes"].shape == (index.records[0].num_objects, 4)
+    report = check_data(out)
+    assert report.ok and report.problems == [] and sum(report.clamped.values()) == 0
+    assert report.objects_per_class == marker["objects_per_class"]
 
 
 def test_faces_are_drawn_inside_their_boxes(tmp_path: Path) -> None:
