@@ -146,7 +146,10 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
         group_ids = aspect_ratio_groups([r.width / r.height for r in data.train_records], cfg.aspect_ratio_group_factor)
     sampler = EpochBatchSampler(len(train_set), cfg.batch_size, world, rank, cfg.seed, group_ids=group_ids)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_detection,
-                        pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.workers > 0)
+                        pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.workers > 0,
+                        # its own generator: starting an epoch's iterator must not draw from the global
+                        # RNG, or a resumed run's random stream would shift (samples are seeded anyway)
+                        generator=torch.Generator().manual_seed(cfg.seed))
     steps_per_epoch = math.ceil(len(sampler.epoch_batches()) / cfg.grad_accum_steps)
 
     # -- 3. model, optimizer, schedule -------------------------------------------------------------
