@@ -1,0 +1,109 @@
+"""Audit a VOC folder: what ``distdet check-data`` reports."""
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distdet.classes import CLASS_NAMES
+from distdet.data.index import DataIndex, build_index
+from distdet.data.problems import DataError, Problem
+
+
+@dataclass
+class DataReport:
+    """Summary of one dataset folder; ``ok`` says whether it can be used in the chosen mode."""
+
+    data_dir: Path
+    class_names: tuple[str, ...]
+    lenient: bool
+    images: int = 0
+    objects_per_class: dict[str, int] = field(default_factory=dict)
+    image_sizes: Counter = field(default_factory=Counter)  # (width, height) -> images
+    clamped: dict[str, int] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Strict: no problem at all. Lenient: at least one usable image (problems are skips)."""
+        return self.images > 0 and (self.lenient or not self.problems)
+
+    def problems_by_kind(self) -> dict[str, list[Problem]]:
+        grouped: dict[str, list[Problem]] = defaultdict(list)
+        for p in self.problems:
+            grouped[p.kind.value].append(p)
+        return dict(sorted(grouped.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data_dir": str(self.data_dir),
+            "mode": "lenient" if self.lenient else "strict",
+            "ok": self.ok,
+            "images": self.images,
+            "objects": sum(self.objects_per_class.values()),
+            "objects_per_class": self.objects_per_class,
+            "image_sizes": {
+                "distinct": len(self.image_sizes),
+                "most_common": [{"width": w, "height": h, "images": n} for (w, h), n in self.image_sizes.most_common(5)],
+            },
+            "clamped_boxes": sum(self.clamped.values()),
+            "clamped_images": self.clamped,
+            "problems": {
+                kind: [{"path": str(p.path), "message": p.message} for p in items]
+                for kind, items in self.problems_by_kind().items()
+            },
+        }
+
+
+def check_data(
+    data_dir: str | os.PathLike[str],
+    class_names: tuple[str, ...] = CLASS_NAMES,
+    *,
+    lenient: bool = False,
+    decode_images: bool = True,
+    allow_empty: bool = False,
+) -> DataReport:
+    """Index ``data_dir`` collecting every problem (decoding every image unless told not to)."""
+    report = DataReport(Path(data_dir), tuple(class_names), lenient)
+    try:
+        index: DataIndex = build_index(
+            data_dir, class_names, lenient=True, allow_empty=allow_empty, decode_images=decode_images
+        )
+    except DataError as exc:  # nothing usable: report what was found
+        report.problems = exc.problems
+        report.objects_per_class = dict.fromkeys(report.class_names, 0)
+        return report
+    report.images = len(index.records)
+    report.objects_per_class = index.class_counts()
+    report.image_sizes = Counter((r.width, r.height) for r in index.records)
+    report.clamped = dict(index.clamped)
+    report.problems = index.problems
+    return report
+
+
+def format_report(report: DataReport) -> str:
+    """The human-readable report printed by ``distdet check-data``."""
+    lines = [f"Dataset: {report.data_dir}", f"Mode: {'lenient' if report.lenient else 'strict'}",
+             f"Images: {report.images}", f"Objects: {sum(report.objects_per_class.values())}"]
+    width = max((len(n) for n in report.objects_per_class), default=0)
+    lines += [f"  {name:<{width}}  {count:>6}" for name, count in report.objects_per_class.items()]
+    if report.image_sizes:
+        common = ", ".join(f"{w}x{h} ({n})" for (w, h), n in report.image_sizes.most_common(3))
+        lines.append(f"Image sizes: {len(report.image_sizes)} distinct; most common: {common}")
+    n_clamped = sum(report.clamped.values())
+    lines.append(f"Clamped boxes: {n_clamped} in {len(report.clamped)} images")
+    if report.clamped:
+        lines.append("  " + ", ".join(f"{stem} ({n})" for stem, n in report.clamped.items()))
+    grouped = report.problems_by_kind()
+    lines.append(f"Problems: {len(report.problems)}" + ("" if report.problems else " (none)"))
+    for kind, items in grouped.items():
+        lines.append(f"  {kind}: {len(items)}")
+        lines += [f"    {p.path}: {p.message}" for p in items]
+    if report.ok and report.problems:
+        files = len({p.path for p in report.problems})
+        lines.append(f"Result: OK in lenient mode ({files} file(s) would be skipped)")
+    else:
+        lines.append("Result: OK" if report.ok else "Result: ERRORS")
+    return "\n".join(lines)
