@@ -39,7 +39,7 @@ import accelerate
 import torch
 import torchvision
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 
 import distdet
@@ -395,7 +395,9 @@ def _stop_for_signal(run: Run) -> int:
     if accelerator.is_main_process and job and run.cfg.requeue_on_signal:
         requeued, requeue_message = requeue_slurm_job(job)
         (logger.info if requeued else logger.error)("%s", requeue_message)
-    note = {"signal": run.stop.signal_name or "another rank's signal", "global_step": run.state.global_step,
+    received = gather_object([run.stop.signal_name])  # which rank got which signal
+    note = {"signals": {f"rank{r}": name for r, name in enumerate(received) if name},
+            "global_step": run.state.global_step,
             "epoch": run.state.epoch, "step_in_epoch": run.state.step_in_epoch,
             "checkpoint": str(run.run_dir / CHECKPOINTS_DIR), "slurm_job_id": job, "requeued": requeued,
             "requeue_message": requeue_message}
@@ -403,7 +405,7 @@ def _stop_for_signal(run: Run) -> int:
     if accelerator.is_main_process:
         _append_interruption(run.run_dir, note)
         logger.warning("stopped at step %d on request (%s); resume with --resume auto --output-dir %s",
-                       run.state.global_step, note["signal"], run.run_dir)
+                       run.state.global_step, ", ".join(f"{r}: {n}" for r, n in note["signals"].items()), run.run_dir)
     run.stop.uninstall()
     accelerator.wait_for_everyone()
     accelerator.end_training()

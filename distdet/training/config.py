@@ -271,12 +271,12 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected true or false, got {value!r}")
         return value
     if isinstance(value, (bool, list, dict)):
-        raise ValueError(f"{where}: expected a {kind.__name__}, got {value!r}")
+        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
     try:
         # YAML reads 5e-3 as a string; going through str keeps both formats equal.
         converted = kind(str(value)) if kind is not str else str(value)
     except ValueError as exc:
-        raise ValueError(f"{where}: expected a {kind.__name__}, got {value!r}") from exc
+        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from exc
     if kind is int and isinstance(value, float) and value != int(value):
         raise ValueError(f"{where}: expected an integer, got {value!r}")
     if meta["choices"] is not None and converted not in meta["choices"]:
