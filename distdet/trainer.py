@@ -365,11 +365,13 @@ def _log_step(run: Run, window: _Window, last_in_epoch: bool) -> None:
     local[len(names):] = torch.tensor([window.count, window.images, window.data_time], dtype=torch.float64)
     total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
     count, images, data_time = total[len(names):].tolist()
-    values: dict[str, float] = {n: (float(total[i]) / count if count else float("nan")) for i, n in enumerate(names)}
+    # a window of skipped steps only has no losses to report
+    values: dict[str, float] = {n: float(total[i]) / count for i, n in enumerate(names)} if count else {}
     values.update(lr=lr, images_per_s=images / elapsed,
                   data_wait_frac=data_time / accelerator.num_processes / elapsed)
     run.log.metrics("train", state.global_step, values, epoch=state.epoch)
-    run.progress.update(state.epoch, cfg.epochs, {"loss": values["loss"], "lr": lr, "img/s": values["images_per_s"]})
+    run.progress.update(state.epoch, cfg.epochs, {"loss": values.get("loss", float("nan")), "lr": lr,
+                                                  "img/s": values["images_per_s"]})
     window.reset()
 
 
