@@ -1,0 +1,1 @@
+"""Launch helpers: turning a cluster job's environment into an ``accelerate launch`` command."""
