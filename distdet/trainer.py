@@ -39,12 +39,13 @@ import accelerate
 import torch
 import torchvision
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 
 import distdet
 from distdet.classes import CLASS_NAMES
 from distdet.data import collate_detection
+from distdet.eval import evaluate_model, scalar_metrics
 from distdet.io_utils import atomic_write_json
 from distdet.model_card import ModelCard, save_detector
 from distdet.models import build_model
@@ -139,14 +140,17 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     stop = StopRequest().install()
 
     # -- 2. data ----------------------------------------------------------------------------------
-    data = prepare_data(cfg, run_dir, accelerator, reuse_run_split=resume_from is not None)
+    data = prepare_data(cfg, run_dir, accelerator, resuming=resume_from is not None)
     train_set = SeededSampleDataset(data.train, cfg.seed)
     group_ids = None
     if cfg.aspect_ratio_group_factor >= 0:
         group_ids = aspect_ratio_groups([r.width / r.height for r in data.train_records], cfg.aspect_ratio_group_factor)
     sampler = EpochBatchSampler(len(train_set), cfg.batch_size, world, rank, cfg.seed, group_ids=group_ids)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_detection,
-                        pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.workers > 0)
+                        pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.workers > 0,
+                        # its own generator: starting an epoch's iterator must not draw from the global
+                        # RNG, or a resumed run's random stream would shift (samples are seeded anyway)
+                        generator=torch.Generator().manual_seed(cfg.seed))
     steps_per_epoch = math.ceil(len(sampler.epoch_batches()) / cfg.grad_accum_steps)
 
     # -- 3. model, optimizer, schedule -------------------------------------------------------------
@@ -209,10 +213,10 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
         save_detector(accelerator.unwrap_model(model), card, run_dir)
     test_metrics: dict[str, Any] = {}
     if cfg.final_eval:
-        test_metrics = _evaluate(run, data.test)
-        run.log.metrics("test", state.global_step, _numeric(test_metrics), epoch=state.epoch)
+        test_metrics = scalar_metrics(_evaluate(run, data.test, out_dir=run_dir / "test_eval"))
+        run.log.metrics("test", state.global_step, test_metrics, epoch=state.epoch)
         if accelerator.is_main_process:
-            save_detector(accelerator.unwrap_model(model), _model_card(run, test_metrics), run_dir)
+            save_detector(accelerator.unwrap_model(model), _model_card(run, {"test": test_metrics}), run_dir)
     report = {"status": "finished" if outcome == "done" else "max_steps", "global_step": state.global_step,
               "epoch": state.epoch, "updates": state.updates, "best_metric": state.best_metric,
               "best_step": state.best_step, "test_metrics": test_metrics, "wall_time_s": time.time() - start_time,
@@ -257,7 +261,7 @@ def _run_epoch(run: Run) -> str:
             if not run.loss_names:
                 run.loss_names = sorted(loss_dict)
             loss = sum(loss_dict[name] for name in run.loss_names)
-            if state.global_step in cfg.debug_nan_at_step:
+            if state.global_step in cfg.debug_nan_at_step and cfg.debug_nan_rank in (-1, accelerator.process_index):
                 loss = loss * float("nan")  # testing aid: a poisoned loss
             components = torch.stack([loss_dict[n].detach().float() for n in run.loss_names] + [loss.detach().float()])
             local_bad = not bool(torch.isfinite(components).all())
@@ -361,11 +365,13 @@ def _log_step(run: Run, window: _Window, last_in_epoch: bool) -> None:
     local[len(names):] = torch.tensor([window.count, window.images, window.data_time], dtype=torch.float64)
     total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
     count, images, data_time = total[len(names):].tolist()
-    values: dict[str, float] = {n: (float(total[i]) / count if count else float("nan")) for i, n in enumerate(names)}
+    # a window of skipped steps only has no losses to report
+    values: dict[str, float] = {n: float(total[i]) / count for i, n in enumerate(names)} if count else {}
     values.update(lr=lr, images_per_s=images / elapsed,
                   data_wait_frac=data_time / accelerator.num_processes / elapsed)
     run.log.metrics("train", state.global_step, values, epoch=state.epoch)
-    run.progress.update(state.epoch, cfg.epochs, {"loss": values["loss"], "lr": lr, "img/s": values["images_per_s"]})
+    run.progress.update(state.epoch, cfg.epochs, {"loss": values.get("loss", float("nan")), "lr": lr,
+                                                  "img/s": values["images_per_s"]})
     window.reset()
 
 
@@ -391,7 +397,9 @@ def _stop_for_signal(run: Run) -> int:
     if accelerator.is_main_process and job and run.cfg.requeue_on_signal:
         requeued, requeue_message = requeue_slurm_job(job)
         (logger.info if requeued else logger.error)("%s", requeue_message)
-    note = {"signal": run.stop.signal_name or "another rank's signal", "global_step": run.state.global_step,
+    received = gather_object([run.stop.signal_name])  # which rank got which signal
+    note = {"signals": {f"rank{r}": name for r, name in enumerate(received) if name},
+            "global_step": run.state.global_step,
             "epoch": run.state.epoch, "step_in_epoch": run.state.step_in_epoch,
             "checkpoint": str(run.run_dir / CHECKPOINTS_DIR), "slurm_job_id": job, "requeued": requeued,
             "requeue_message": requeue_message}
@@ -399,7 +407,7 @@ def _stop_for_signal(run: Run) -> int:
     if accelerator.is_main_process:
         _append_interruption(run.run_dir, note)
         logger.warning("stopped at step %d on request (%s); resume with --resume auto --output-dir %s",
-                       run.state.global_step, note["signal"], run.run_dir)
+                       run.state.global_step, ", ".join(f"{r}: {n}" for r, n in note["signals"].items()), run.run_dir)
     run.stop.uninstall()
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -413,20 +421,17 @@ def _append_interruption(run_dir: Path, note: dict[str, Any]) -> None:
     atomic_write_json(path, notes)
 
 
-def _evaluate(run: Run, dataset) -> dict[str, Any]:
-    from distdet.eval import evaluate_model
-
-    model = run.accelerator.unwrap_model(run.model)
-    metrics = evaluate_model(model, dataset, run.accelerator, batch_size=run.cfg.eval_batch_size)
-    model.train()
-    return metrics
+def _evaluate(run: Run, dataset, out_dir: Path | None = None) -> dict[str, Any]:
+    """Score the current weights on ``dataset`` with every rank (see :func:`distdet.eval.evaluate_model`)."""
+    return evaluate_model(run.accelerator.unwrap_model(run.model), dataset, run.accelerator,
+                          batch_size=run.cfg.eval_batch_size, num_workers=run.cfg.workers, out_dir=out_dir)
 
 
 def _evaluate_and_keep_best(run: Run) -> None:
     cfg, state = run.cfg, run.state
     split, dataset = run.data.eval_split
-    metrics = _evaluate(run, dataset)
-    run.log.metrics(split, state.global_step, _numeric(metrics), epoch=state.epoch)
+    metrics = scalar_metrics(_evaluate(run, dataset))
+    run.log.metrics(split, state.global_step, metrics, epoch=state.epoch)
     value = metrics.get(cfg.best_metric)
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         logger.warning("evaluation gave no finite %r; best checkpoint not updated", cfg.best_metric)
@@ -440,11 +445,8 @@ def _evaluate_and_keep_best(run: Run) -> None:
         run.log.event("best", metric=cfg.best_metric, value=float(value), global_step=state.global_step)
 
 
-def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _model_card(run: Run, metrics: dict[str, Any]) -> ModelCard:
+def _model_card(run: Run, metrics: dict[str, dict[str, float]]) -> ModelCard:
+    """The card saved with final and best weights; ``metrics`` maps split name to scalar metrics."""
     cfg = run.cfg
     return ModelCard(
         model=cfg.model,
@@ -452,14 +454,9 @@ def _model_card(run: Run, metrics: dict[str, Any]) -> ModelCard:
         build={"min_size": cfg.min_size, "max_size": cfg.max_size},
         info={"trained_with": "distdet train", "run_dir": str(run.run_dir), "global_step": run.state.global_step,
               "epoch": run.state.epoch, "data_dir": str(run.data.data_dir),
-              "split_manifest": str(run.data.manifest_path), "metrics": _numeric_nested(metrics),
+              "split_manifest": str(run.data.manifest_path), "metrics": metrics,
               "versions": _versions()},
     )
-
-
-def _numeric_nested(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: (_numeric_nested(v) if isinstance(v, dict) else v) for k, v in metrics.items()
-            if isinstance(v, (dict, int, float, str))}
 
 
 def _versions() -> dict[str, str]:
@@ -513,7 +510,7 @@ def _write_config(run_dir: Path, cfg: TrainConfig, resolved: dict[str, Any], dat
     atomic_write_json(run_dir / "config.json", {
         "config": cfg.to_dict(),
         "resolved": resolved,
-        "split_manifest": {"path": str(data.manifest_path), "contents": data.manifest},
+        "split_manifest": {"path": str(data.manifest_path), "contents": data.manifest()},
         "versions": _versions(),
         "command": sys.argv,
         "time": datetime.now().isoformat(timespec="seconds"),

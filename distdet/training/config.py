@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from distdet.data.transforms import PRESETS
 from distdet.models import MODEL_NAMES
 
 SPLIT_KINDS = ("tutorial", "stratified")
@@ -44,6 +45,8 @@ class TrainConfig:
         "face-mask set, generated once into the cache", group="data", metavar="DIR", default=None)
     split: str = _flag("how to split train/test when no --split-manifest is given", group="data",
                        choices=SPLIT_KINDS, default="tutorial")
+    test_fraction: float = _flag("--split stratified: fraction of the images held out for testing", group="data",
+                                 default=0.2)
     split_manifest: str | None = _flag(
         "reuse the train/test split of this manifest JSON (e.g. split.json of an earlier run)",
         group="data", metavar="FILE", default=None)
@@ -51,8 +54,8 @@ class TrainConfig:
         "carve this fraction of the training images out as a validation set: evaluation during "
         "training and model selection use it; the test split is scored once at the end "
         "(0 = evaluate on the test split during training)", group="data", default=0.0)
-    augment: str = _flag("augmentation preset for training images (see distdet.data.get_transforms)",
-                         group="data", default="hflip")
+    augment: str = _flag("augmentation preset for training images", group="data", choices=PRESETS,
+                         default="hflip")
     workers: int = _flag("DataLoader worker processes per training process (0 = load in the main process)",
                          group="data", default=2)
     aspect_ratio_group_factor: int = _flag(
@@ -147,6 +150,8 @@ class TrainConfig:
     debug_nan_at_step: list[int] = _flag(
         "TESTING AID: make the loss NaN at these global optimizer steps (0-based)", group="debug",
         item_type=int, metavar="STEP", default_factory=list)
+    debug_nan_rank: int = _flag("TESTING AID: poison the loss only on this rank (-1 = every rank)", group="debug",
+                                default=-1)
     debug_record_samples: bool = _flag(
         "TESTING AID: each rank writes the image ids it trained on to debug/samples_rank<R>.jsonl",
         group="debug", default=False)
@@ -266,12 +271,12 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected true or false, got {value!r}")
         return value
     if isinstance(value, (bool, list, dict)):
-        raise ValueError(f"{where}: expected a {kind.__name__}, got {value!r}")
+        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
     try:
         # YAML reads 5e-3 as a string; going through str keeps both formats equal.
         converted = kind(str(value)) if kind is not str else str(value)
     except ValueError as exc:
-        raise ValueError(f"{where}: expected a {kind.__name__}, got {value!r}") from exc
+        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from exc
     if kind is int and isinstance(value, float) and value != int(value):
         raise ValueError(f"{where}: expected an integer, got {value!r}")
     if meta["choices"] is not None and converted not in meta["choices"]:
@@ -339,6 +344,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{flag_name(name)} must not be negative, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    if not 0.0 < cfg.test_fraction < 1.0:
+        raise ValueError(f"--test-fraction must be in (0, 1), got {cfg.test_fraction}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.scale_lr_from_batch is not None and cfg.scale_lr_from_batch < 1:
