@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from predict_support import child_env, synthetic_data
 
+from distdet.data import build_index, make_split, save_manifest
 from distdet.report import metric_panels, parse_metrics_lines, write_training_plots
 
 LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
@@ -116,9 +117,8 @@ def test_plots_from_a_real_training_run(tmp_path_factory, tmp_path):
     """The trainer's own metrics.jsonl (2 short epochs on synthetic data) gives all three plots."""
     data = synthetic_data(tmp_path_factory.getbasetemp() / "predict-shared")
     run_dir = tmp_path / "run"
-    stems = sorted(p.stem for p in (data / "images").iterdir())
-    manifest = tmp_path / "split.json"
-    manifest.write_text(json.dumps({"format": 1, "train": stems[:6], "val": [], "test": stems[6:]}))
+    manifest = save_manifest(tmp_path / "split.json",
+                             make_split(build_index(data).records, "stratified", test_fraction=0.25, seed=0))
     train = [sys.executable, "-m", "distdet", "train", "--data-dir", str(data), "--split-manifest", str(manifest), "--model",
              "fasterrcnn_mobilenet_v3_large_320_fpn", "--weights", "none", "--min-size", "96", "--max-size", "128",
              "--epochs", "2", "--batch-size", "2", "--workers", "0", "--log-every", "1", "--no-tensorboard",
