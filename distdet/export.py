@@ -227,6 +227,7 @@ def synthetic_verify_images(num_images: int = 3, seed: int = 1234) -> list[tuple
 
 def load_verify_images(paths: Sequence[str | Path]) -> list[tuple[str, torch.Tensor]]:
     """``(path, image)`` pairs read as training reads images; DataError names a bad file."""
-    from distdet.predictor import image_to_tensor, load_image
+    from distdet.data.images import load_rgb
+    from distdet.predictor import image_to_tensor
 
-    return [(str(path), image_to_tensor(load_image(path))) for path in paths]
+    return [(str(path), image_to_tensor(load_rgb(path))) for path in paths]

@@ -31,10 +31,10 @@ from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
-from distdet.data.images import IMAGE_SUFFIXES
+from distdet.data.images import IMAGE_SUFFIXES, load_rgb
 from distdet.data.voc import parse_voc_annotation
 from distdet.io_utils import atomic_write, atomic_write_json
-from distdet.predictor import Detector, load_image
+from distdet.predictor import Detector
 from distdet.render import add_legend, draw_detections, side_by_side
 
 PREDICTIONS_NAME = "predictions.json"
@@ -180,7 +180,7 @@ def predict_files(
         loaded: list[tuple[int, Image.Image]] = []
         for index in batch:
             try:
-                loaded.append((index, load_image(paths[index])))
+                loaded.append((index, load_rgb(paths[index])))
             except (ValueError, OSError) as exc:
                 local.append((index, None, {"file": str(paths[index]), "error": _reason(exc, paths[index])}))
                 bar.update(1)

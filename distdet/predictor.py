@@ -8,8 +8,9 @@
 One image's result is a dict ``{"file"?, "width", "height", "detections": [...]}`` with
 ``file`` present when the image was given as a path; each detection is ``{"box": [x1, y1,
 x2, y2], "label": name, "label_id": int, "score": float}`` in pixel coordinates of the
-image, sorted by falling score. This is the structure of each entry in the ``images`` list of
-``predictions.json`` written by ``distdet predict``.
+image (rounded to 0.01 px), sorted by falling score (rounded to 4 decimals). This is the
+structure of each entry in the ``images`` list of ``predictions.json`` written by
+``distdet predict``.
 """
 from __future__ import annotations
 
@@ -71,11 +72,13 @@ class Detector:
         return self.predict(list(images))
 
     def predict(self, images: Sequence[ImageInput]) -> list[dict[str, Any]]:
-        """Results for a list of images or paths, in order (paths are read with :func:`load_image`)."""
+        """Results for a list of images or paths, in order. Paths are read as training reads
+        images (:func:`distdet.data.images.load_rgb`: PNG/JPEG, every pixel format to 8-bit
+        RGB); an unreadable file raises ``DataError`` (a ValueError) naming it."""
         results: list[dict[str, Any]] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            pils = [load_image(item) if isinstance(item, (str, Path)) else item for item in chunk]
+            pils = [load_rgb(item) if isinstance(item, (str, Path)) else item for item in chunk]
             for item, result in zip(chunk, self.predict_pil(pils)):
                 if isinstance(item, (str, Path)):
                     result = {"file": str(item), **result}
@@ -114,12 +117,6 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return pil_to_tensor(image).float().div_(255.0)
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Read a PNG/JPEG file as 8-bit RGB, as training does; raise ``DataError`` (a ValueError)
-    naming the file when it cannot be read."""
-    return load_rgb(path)
 
 
 def load_detector(
