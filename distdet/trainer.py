@@ -1,0 +1,521 @@
+"""The distdet training loop, to be read top to bottom.
+
+:func:`run_training` does, in order:
+
+1. **Accelerator and run folder** - device (CPU when CUDA is absent), process group with a
+   bounded collective timeout, mixed precision (fp16 refused on CPU), launch sanity checks; the
+   run folder and the checkpoint to resume from.
+2. **Data** - the train/val/test split (saved as ``split.json``), datasets, and a DataLoader
+   whose batch sampler shards with ``DistributedSampler`` (NOT passed through
+   ``accelerator.prepare``, which would shard it twice).
+3. **Model, optimizer, schedule** - ``accelerator.prepare`` wraps model and optimizer (DDP
+   when there are several processes); the scheduler is registered for checkpointing only, so it
+   steps exactly once per optimizer step.
+4. **Resume** - ``accelerator.load_state`` plus the trainer state; a mid-epoch resume skips
+   the batches already trained on, keeping the remaining order.
+5. **Epochs** - per batch: forward, a one-all-reduce agreement on "non-finite loss anywhere?" and
+   "stop signal anywhere?", backward under ``accelerator.accumulate``; per optimizer step: clip,
+   step, schedule, logging, periodic checkpoint, stop handling. Per epoch: checkpoint,
+   evaluation, best model.
+6. **Finish** - final weights + model card, final test evaluation, ``report.json``.
+
+Exit status: 0 done, 75 stopped by SIGUSR1/SIGTERM after a checkpoint, 1 failed, 2 bad launch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import accelerate
+import torch
+import torchvision
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from torch.utils.data import DataLoader
+
+import distdet
+from distdet.classes import CLASS_NAMES
+from distdet.data import collate_detection
+from distdet.eval import evaluate_model, scalar_metrics
+from distdet.io_utils import atomic_write_json
+from distdet.model_card import ModelCard, save_detector
+from distdet.models import build_model
+from distdet.training.checkpoints import (
+    CHECKPOINTS_DIR,
+    TrainerState,
+    complete_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from distdet.training.config import TrainConfig, parse_config
+from distdet.training.data_setup import TrainingData, prepare_data
+from distdet.training.distributed import LaunchError, agree_any, build_accelerator
+from distdet.training.optim import build_optimizer, build_scheduler, effective_lr, resolve_warmup_steps
+from distdet.training.run_logging import Progress, RunLog, configure_logging
+from distdet.training.sampling import EpochBatchSampler, SeededSampleDataset, aspect_ratio_groups
+from distdet.training.signals import EXIT_INTERRUPTED, StopRequest, requeue_slurm_job, slurm_job_id
+
+logger = logging.getLogger("distdet.trainer")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_LAUNCH = 2
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (too many non-finite losses, incompatible resume, ...)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``train.py`` / ``distdet train``: parse flags (and ``--config``), train, return the exit status."""
+    return run_training(parse_config(argv))
+
+
+def run_training(cfg: TrainConfig) -> int:
+    # -- 1. accelerator -------------------------------------------------------------------------
+    try:
+        accelerator = build_accelerator(
+            cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, grad_accum_steps=cfg.grad_accum_steps,
+            dist_timeout=cfg.dist_timeout,
+        )
+    except LaunchError as exc:
+        print(f"distdet train: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_LAUNCH
+    rank, world = accelerator.process_index, accelerator.num_processes
+    configure_logging(rank, world, accelerator.is_main_process)
+    try:
+        return _train(cfg, accelerator)
+    except (TrainingError, FileNotFoundError, ValueError) as exc:
+        logger.error("rank %d of %d: %s", rank, world, exc)
+        return EXIT_FAILED
+    except Exception as exc:
+        if world > 1 and isinstance(exc, (RuntimeError, torch.distributed.DistError)):
+            logger.error("rank %d of %d: a collective operation failed - another rank has probably died or hung "
+                         "(the launcher's report names it): %s", rank, world, exc)
+        else:
+            logger.exception("rank %d of %d failed: %s", rank, world, exc)
+        return EXIT_FAILED
+
+
+@dataclass
+class Run:
+    """Everything the epoch loop needs, built once by :func:`_train`."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    run_dir: Path
+    data: TrainingData
+    sampler: EpochBatchSampler
+    loader: DataLoader
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    state: TrainerState
+    log: RunLog
+    progress: Progress
+    stop: StopRequest
+    steps_per_epoch: int
+    loss_names: list[str] = field(default_factory=list)
+    last_saved_step: int = -1
+    bad_streak: int = 0
+    debug_file: Any = None
+
+
+def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
+    rank, world = accelerator.process_index, accelerator.num_processes
+    start_time = time.time()
+    # -- 1b. run folder and what to resume from (decided on the main process, shared) ------------
+    run_dir, resume_from = _run_dir_and_resume(cfg, accelerator)
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
+    stop = StopRequest().install()
+
+    # -- 2. data ----------------------------------------------------------------------------------
+    data = prepare_data(cfg, run_dir, accelerator, resuming=resume_from is not None)
+    train_set = SeededSampleDataset(data.train, cfg.seed)
+    group_ids = None
+    if cfg.aspect_ratio_group_factor >= 0:
+        group_ids = aspect_ratio_groups([r.width / r.height for r in data.train_records], cfg.aspect_ratio_group_factor)
+    sampler = EpochBatchSampler(len(train_set), cfg.batch_size, world, rank, cfg.seed, group_ids=group_ids)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_detection,
+                        pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.workers > 0,
+                        # its own generator: starting an epoch's iterator must not draw from the global
+                        # RNG, or a resumed run's random stream would shift (samples are seeded anyway)
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    steps_per_epoch = math.ceil(len(sampler.epoch_batches()) / cfg.grad_accum_steps)
+
+    # -- 3. model, optimizer, schedule -------------------------------------------------------------
+    with accelerator.main_process_first():  # the first process fills the weights cache
+        model = build_model(cfg.model, len(CLASS_NAMES), weights=cfg.weights, backbone_weights=cfg.backbone_weights,
+                            min_size=cfg.min_size, max_size=cfg.max_size,
+                            trainable_backbone_layers=cfg.trainable_backbone_layers)
+    global_batch = cfg.batch_size * world * cfg.grad_accum_steps
+    lr = effective_lr(cfg, global_batch)
+    optimizer = build_optimizer(model, cfg, lr)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    # -- 4. resume ----------------------------------------------------------------------------------
+    state = TrainerState(world_size=world, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps)
+    if resume_from is not None:
+        state = _resume(accelerator, resume_from, state)
+
+    resolved = {"effective_lr": lr, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
+                "warmup_steps": resolve_warmup_steps(cfg, steps_per_epoch), "world_size": world,
+                "device": str(accelerator.device), "distributed_type": str(accelerator.distributed_type),
+                "mixed_precision": accelerator.mixed_precision, "data_dir": str(data.data_dir),
+                "train_images": len(data.train), "val_images": len(data.val or []), "test_images": len(data.test)}
+    if accelerator.is_main_process:
+        _write_config(run_dir, cfg, resolved, data)
+    log = RunLog(accelerator, run_dir, cfg.tensorboard, {**cfg.to_dict(), **resolved})
+    log.event("resumed" if resume_from else "started", checkpoint=str(resume_from) if resume_from else None,
+              global_step=state.global_step, epoch=state.epoch, world_size=world, slurm_job_id=slurm_job_id())
+    logger.info("run folder %s; %d processes on %s; %d train images, %d steps/epoch, global batch %d, lr %.5g",
+                run_dir, world, accelerator.device, len(data.train), steps_per_epoch, global_batch, lr)
+    run = Run(cfg, accelerator, run_dir, data, sampler, loader, model, optimizer, scheduler, state, log,
+              Progress(cfg.progress and accelerator.is_main_process, cfg.epochs * steps_per_epoch, state.global_step),
+              stop, steps_per_epoch, last_saved_step=state.global_step if resume_from else -1)
+    if cfg.debug_record_samples:
+        (run_dir / "debug").mkdir(parents=True, exist_ok=True)
+        run.debug_file = open(run_dir / "debug" / f"samples_rank{rank}.jsonl", "a")
+
+    # -- 5. epochs ------------------------------------------------------------------------------------
+    outcome = "done"
+    while state.epoch < cfg.epochs and outcome == "done":
+        outcome = _run_epoch(run)
+        if outcome == "epoch_end":
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            if cfg.eval_every and (state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs):
+                _evaluate_and_keep_best(run)
+            _checkpoint(run)
+            outcome = "done" if not _max_steps_reached(run) else "max_steps"
+    run.progress.close()
+    if run.debug_file is not None:
+        run.debug_file.close()
+
+    if outcome == "stop":
+        return _stop_for_signal(run)
+
+    # -- 6. finish: final weights, card, test evaluation, report -------------------------------------
+    _checkpoint(run)
+    card = _model_card(run, {})
+    if accelerator.is_main_process:
+        save_detector(accelerator.unwrap_model(model), card, run_dir)
+    test_metrics: dict[str, Any] = {}
+    if cfg.final_eval:
+        test_metrics = scalar_metrics(_evaluate(run, data.test, out_dir=run_dir / "test_eval"))
+        run.log.metrics("test", state.global_step, test_metrics, epoch=state.epoch)
+        if accelerator.is_main_process:
+            save_detector(accelerator.unwrap_model(model), _model_card(run, {"test": test_metrics}), run_dir)
+    report = {"status": "finished" if outcome == "done" else "max_steps", "global_step": state.global_step,
+              "epoch": state.epoch, "updates": state.updates, "best_metric": state.best_metric,
+              "best_step": state.best_step, "test_metrics": test_metrics, "wall_time_s": time.time() - start_time,
+              "world_size": world}
+    if accelerator.is_main_process:
+        atomic_write_json(run_dir / "report.json", report)
+    log.event("finished", **{k: v for k, v in report.items() if k != "test_metrics"})
+    stop.uninstall()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return EXIT_OK
+
+
+def _run_epoch(run: Run) -> str:
+    """Train the rest of the current epoch; return 'epoch_end', 'stop' or 'max_steps'."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    accum = cfg.grad_accum_steps
+    run.sampler.set_epoch(state.epoch)
+    first_batch = state.step_in_epoch * accum
+    run.sampler.set_start(first_batch)
+    num_batches = len(run.sampler.epoch_batches())
+    run.model.train()
+
+    window = _Window()
+    group_bad, bad_components = False, None
+    batches = iter(run.loader)
+    for b in range(first_batch, num_batches):
+        t0 = time.perf_counter()
+        images, targets = next(batches)
+        window.data_time += time.perf_counter() - t0
+        images = [img.to(accelerator.device, non_blocking=True) for img in images]
+        targets = [{k: v.to(accelerator.device, non_blocking=True) for k, v in t.items()} for t in targets]
+        if run.debug_file is not None:
+            run.debug_file.write(json.dumps({"epoch": state.epoch, "step": state.global_step,
+                                             "image_ids": [int(t["image_id"]) for t in targets]}) + "\n")
+        group_start = b - b % accum
+        group_size = min(accum, num_batches - group_start)
+        # Tell accumulate() where this batch sits, so the last one of a (possibly short) group syncs.
+        accelerator.step = accum - group_size + (b - group_start)
+        with accelerator.accumulate(run.model):
+            loss_dict = run.model(images, targets)
+            if not run.loss_names:
+                run.loss_names = sorted(loss_dict)
+            loss = sum(loss_dict[name] for name in run.loss_names)
+            if state.global_step in cfg.debug_nan_at_step and cfg.debug_nan_rank in (-1, accelerator.process_index):
+                loss = loss * float("nan")  # testing aid: a poisoned loss
+            components = torch.stack([loss_dict[n].detach().float() for n in run.loss_names] + [loss.detach().float()])
+            local_bad = not bool(torch.isfinite(components).all())
+            any_bad, any_stop = agree_any(accelerator, [local_bad, run.stop.requested])
+            if local_bad:
+                bad_components = components
+            if any_bad:
+                group_bad = True
+            else:
+                accelerator.backward(loss * (accum / group_size))
+                window.add(components, len(images))
+        if b - group_start == group_size - 1:  # the end of an optimizer step
+            _optimizer_step(run, group_bad, bad_components)
+            group_bad, bad_components = False, None
+            state.global_step += 1
+            state.step_in_epoch += 1
+            _log_step(run, window, last_in_epoch=b == num_batches - 1)
+            if any_stop:
+                return "stop"
+            if _max_steps_reached(run):
+                _checkpoint(run)
+                return "max_steps"
+            if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
+                _checkpoint(run)
+    return "epoch_end"
+
+
+def _optimizer_step(run: Run, group_bad: bool, bad_components: torch.Tensor | None) -> None:
+    """Clip and step, or skip a step whose loss was non-finite on any rank (weights untouched)."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    grad_norm = None
+    if not group_bad:
+        max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
+        # With fp16 the gradient scaler handles overflowing gradients itself.
+        if accelerator.mixed_precision != "fp16" and grad_norm is not None and not torch.isfinite(grad_norm):
+            group_bad = True
+    if group_bad:
+        run.optimizer.zero_grad(set_to_none=True)
+        run.bad_streak += 1
+        _report_bad_step(run, bad_components, grad_norm)
+        if run.bad_streak >= cfg.max_bad_steps:
+            raise TrainingError(f"stopping: {run.bad_streak} consecutive steps with a non-finite loss or gradient "
+                                f"(--max-bad-steps {cfg.max_bad_steps}); last at step {state.global_step}. "
+                                f"Lower --lr, enable --clip-grad-norm, or check the data.")
+        return
+    run.optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:
+        run.scheduler.step()
+        state.updates += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    run.bad_streak = 0
+
+
+def _report_bad_step(run: Run, bad_components: torch.Tensor | None, grad_norm: torch.Tensor | None) -> None:
+    accelerator = run.accelerator
+    names = run.loss_names + ["loss"]
+    local = bad_components if bad_components is not None else torch.zeros(len(names))
+    per_rank = accelerator.gather(local.to(accelerator.device).reshape(1, -1)).cpu().tolist()
+    details = {f"rank{r}": dict(zip(names, values)) for r, values in enumerate(per_rank)
+               if not all(math.isfinite(v) for v in values)}
+    message = (f"step {run.state.global_step} skipped: non-finite "
+               f"{'loss' if details else 'gradient norm'} (bad steps in a row: {run.bad_streak}); {details or grad_norm}")
+    logger.warning(message)
+    run.progress.write(message)
+    run.log.event("bad_step", global_step=run.state.global_step, epoch=run.state.epoch, components=details,
+                  grad_norm=None if grad_norm is None else float(grad_norm), consecutive=run.bad_streak)
+
+
+@dataclass
+class _Window:
+    """Loss sums and timings since the last log line (this rank)."""
+
+    sums: torch.Tensor | None = None
+    count: int = 0
+    images: int = 0
+    data_time: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, components: torch.Tensor, images: int) -> None:
+        self.sums = components.cpu() if self.sums is None else self.sums + components.cpu()
+        self.count += 1
+        self.images += images
+
+    def reset(self) -> None:
+        self.sums, self.count, self.images, self.data_time, self.start = None, 0, 0, 0.0, time.perf_counter()
+
+
+def _log_step(run: Run, window: _Window, last_in_epoch: bool) -> None:
+    """Progress bar every step; metrics (averaged over ranks) every --log-every steps."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    lr = run.optimizer.param_groups[0]["lr"]
+    elapsed = max(time.perf_counter() - window.start, 1e-9)
+    if state.global_step % cfg.log_every != 0 and not last_in_epoch:
+        run.progress.update(state.epoch, cfg.epochs, {"lr": lr})
+        return
+    names = run.loss_names + ["loss"]
+    local = torch.zeros(len(names) + 3, dtype=torch.float64)
+    if window.sums is not None:
+        local[: len(names)] = window.sums.double()
+    local[len(names):] = torch.tensor([window.count, window.images, window.data_time], dtype=torch.float64)
+    total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
+    count, images, data_time = total[len(names):].tolist()
+    # a window of skipped steps only has no losses to report
+    values: dict[str, float] = {n: float(total[i]) / count for i, n in enumerate(names)} if count else {}
+    values.update(lr=lr, images_per_s=images / elapsed,
+                  data_wait_frac=data_time / accelerator.num_processes / elapsed)
+    run.log.metrics("train", state.global_step, values, epoch=state.epoch)
+    run.progress.update(state.epoch, cfg.epochs, {"loss": values.get("loss", float("nan")), "lr": lr,
+                                                  "img/s": values["images_per_s"]})
+    window.reset()
+
+
+def _max_steps_reached(run: Run) -> bool:
+    return bool(run.cfg.max_steps) and run.state.global_step >= run.cfg.max_steps
+
+
+def _checkpoint(run: Run) -> None:
+    if run.state.global_step == run.last_saved_step:
+        return
+    path = save_checkpoint(run.accelerator, run.run_dir, run.state, run.cfg.keep_checkpoints)
+    run.last_saved_step = run.state.global_step
+    run.log.event("checkpoint", path=str(path), global_step=run.state.global_step, epoch=run.state.epoch,
+                  step_in_epoch=run.state.step_in_epoch)
+
+
+def _stop_for_signal(run: Run) -> int:
+    """All ranks agreed to stop: checkpoint, note the interruption, requeue under Slurm, exit 75."""
+    _checkpoint(run)
+    accelerator = run.accelerator
+    requeued, requeue_message = False, None
+    job = slurm_job_id()
+    if accelerator.is_main_process and job and run.cfg.requeue_on_signal:
+        requeued, requeue_message = requeue_slurm_job(job)
+        (logger.info if requeued else logger.error)("%s", requeue_message)
+    received = gather_object([run.stop.signal_name])  # which rank got which signal
+    note = {"signals": {f"rank{r}": name for r, name in enumerate(received) if name},
+            "global_step": run.state.global_step,
+            "epoch": run.state.epoch, "step_in_epoch": run.state.step_in_epoch,
+            "checkpoint": str(run.run_dir / CHECKPOINTS_DIR), "slurm_job_id": job, "requeued": requeued,
+            "requeue_message": requeue_message}
+    run.log.event("interrupted", **note)
+    if accelerator.is_main_process:
+        _append_interruption(run.run_dir, note)
+        logger.warning("stopped at step %d on request (%s); resume with --resume auto --output-dir %s",
+                       run.state.global_step, ", ".join(f"{r}: {n}" for r, n in note["signals"].items()), run.run_dir)
+    run.stop.uninstall()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return EXIT_INTERRUPTED
+
+
+def _append_interruption(run_dir: Path, note: dict[str, Any]) -> None:
+    path = run_dir / "interruptions.json"
+    notes = json.loads(path.read_text()) if path.is_file() else []
+    notes.append({**note, "time": datetime.now().isoformat(timespec="seconds")})
+    atomic_write_json(path, notes)
+
+
+def _evaluate(run: Run, dataset, out_dir: Path | None = None) -> dict[str, Any]:
+    """Score the current weights on ``dataset`` with every rank (see :func:`distdet.eval.evaluate_model`)."""
+    return evaluate_model(run.accelerator.unwrap_model(run.model), dataset, run.accelerator,
+                          batch_size=run.cfg.eval_batch_size, num_workers=run.cfg.workers, out_dir=out_dir)
+
+
+def _evaluate_and_keep_best(run: Run) -> None:
+    cfg, state = run.cfg, run.state
+    split, dataset = run.data.eval_split
+    metrics = scalar_metrics(_evaluate(run, dataset))
+    run.log.metrics(split, state.global_step, metrics, epoch=state.epoch)
+    value = metrics.get(cfg.best_metric)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        logger.warning("evaluation gave no finite %r; best checkpoint not updated", cfg.best_metric)
+        return
+    logger.info("epoch %d: %s %s = %.4f", state.epoch, split, cfg.best_metric, value)
+    if state.best_metric is None or value > state.best_metric:
+        state.best_metric, state.best_step = float(value), state.global_step
+        if run.accelerator.is_main_process:
+            best_dir = run.run_dir / "best"
+            save_detector(run.accelerator.unwrap_model(run.model), _model_card(run, {split: metrics}), best_dir)
+        run.log.event("best", metric=cfg.best_metric, value=float(value), global_step=state.global_step)
+
+
+def _model_card(run: Run, metrics: dict[str, dict[str, float]]) -> ModelCard:
+    """The card saved with final and best weights; ``metrics`` maps split name to scalar metrics."""
+    cfg = run.cfg
+    return ModelCard(
+        model=cfg.model,
+        class_names=list(CLASS_NAMES),
+        build={"min_size": cfg.min_size, "max_size": cfg.max_size},
+        info={"trained_with": "distdet train", "run_dir": str(run.run_dir), "global_step": run.state.global_step,
+              "epoch": run.state.epoch, "data_dir": str(run.data.data_dir),
+              "split_manifest": str(run.data.manifest_path), "metrics": metrics,
+              "versions": _versions()},
+    )
+
+
+def _versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "accelerate": accelerate.__version__, "distdet": distdet.__version__}
+
+
+def _run_dir_and_resume(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path | None]:
+    """Decide the run folder and the checkpoint to resume from on the main process; share them."""
+    decision: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            output_dir = Path(cfg.output_dir) if cfg.output_dir else None
+            checkpoint, implied_run = resolve_resume(cfg.resume, output_dir)
+            run_dir = output_dir or implied_run or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+            if cfg.resume == "auto" and checkpoint is None:
+                logger.info("--resume auto: no complete checkpoint in %s, starting from scratch", run_dir)
+            if checkpoint is None and complete_checkpoints(run_dir):
+                raise TrainingError(f"run folder {run_dir} already holds checkpoints; pass --resume auto to "
+                                    f"continue it, or choose another --output-dir")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            decision = [(str(run_dir.resolve()), str(checkpoint.resolve()) if checkpoint else None, None)]
+        except (TrainingError, FileNotFoundError) as exc:
+            decision = [(None, None, str(exc))]
+    broadcast_object_list(decision)
+    run_dir, checkpoint, error = decision[0]
+    if error:
+        raise TrainingError(error)
+    return Path(run_dir), Path(checkpoint) if checkpoint else None
+
+
+def _resume(accelerator: Accelerator, checkpoint: Path, current: TrainerState) -> TrainerState:
+    saved = load_checkpoint(accelerator, checkpoint)
+    layout = ("world_size", "batch_size", "grad_accum_steps")
+    changed = {k: (getattr(saved, k), getattr(current, k)) for k in layout if getattr(saved, k) != getattr(current, k)}
+    if changed and saved.step_in_epoch:
+        raise TrainingError(
+            f"cannot resume mid-epoch from {checkpoint}: "
+            + ", ".join(f"{k} was {old}, now {new}" for k, (old, new) in changed.items())
+            + " (the remaining batches of the epoch would differ); resume with the same layout")
+    if changed:
+        logger.warning("resuming at an epoch boundary with a changed layout: %s", changed)
+    for key in layout:
+        setattr(saved, key, getattr(current, key))
+    logger.info("resumed from %s: epoch %d, step %d in epoch, global step %d", checkpoint, saved.epoch,
+                saved.step_in_epoch, saved.global_step)
+    return saved
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, resolved: dict[str, Any], data: TrainingData) -> None:
+    atomic_write_json(run_dir / "config.json", {
+        "config": cfg.to_dict(),
+        "resolved": resolved,
+        "split_manifest": {"path": str(data.manifest_path), "contents": data.manifest()},
+        "versions": _versions(),
+        "command": sys.argv,
+        "time": datetime.now().isoformat(timespec="seconds"),
+    })
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Every training flag in one dataclass, the argparse parser built from it, and config files.
+
+Each :class:`TrainConfig` field is one command-line flag (``--field-name``), with its help
+text and choices in the field's metadata, so the flags, their defaults and ``--help`` can never
+drift apart. ``--config FILE`` (YAML ``.yaml/.yml`` or TOML ``.toml``) supplies values by the
+same names (dashes or underscores); flags given on the command line override the file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distdet.data.transforms import PRESETS
+from distdet.models import MODEL_NAMES
+
+SPLIT_KINDS = ("tutorial", "stratified")
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("multistep", "cosine")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def _flag(help: str, *, group: str, choices: Sequence[Any] | None = None, metavar: str | None = None,
+          item_type: type | None = None, default: Any = dataclasses.MISSING,
+          default_factory: Any = dataclasses.MISSING) -> Any:
+    meta = {"help": help, "group": group, "choices": choices, "metavar": metavar, "item_type": item_type}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Resolved training options; see ``python train.py --help`` for each one's meaning."""
+
+    # -- data ---------------------------------------------------------------------------------
+    data_dir: str | None = _flag(
+        "dataset folder in the Kaggle VOC layout (images/, annotations/); default: the synthetic "
+        "face-mask set, generated once into the cache", group="data", metavar="DIR", default=None)
+    split: str = _flag("how to split train/test when no --split-manifest is given", group="data",
+                       choices=SPLIT_KINDS, default="tutorial")
+    test_fraction: float = _flag("--split stratified: fraction of the images held out for testing", group="data",
+                                 default=0.2)
+    split_manifest: str | None = _flag(
+        "reuse the train/test split of this manifest JSON (e.g. split.json of an earlier run)",
+        group="data", metavar="FILE", default=None)
+    val_fraction: float = _flag(
+        "carve this fraction of the training images out as a validation set: evaluation during "
+        "training and model selection use it; the test split is scored once at the end "
+        "(0 = evaluate on the test split during training)", group="data", default=0.0)
+    augment: str = _flag("augmentation preset for training images", group="data", choices=PRESETS,
+                         default="hflip")
+    workers: int = _flag("DataLoader worker processes per training process (0 = load in the main process)",
+                         group="data", default=2)
+    aspect_ratio_group_factor: int = _flag(
+        "batch images of similar aspect ratio together (2k+1 ratio bins, as torchvision's "
+        "references do); -1 = off", group="data", default=-1)
+
+    # -- model --------------------------------------------------------------------------------
+    model: str = _flag("detector architecture", group="model", choices=MODEL_NAMES,
+                       default="fasterrcnn_resnet50_fpn")
+    weights: str = _flag("initial detector weights: coco (torchvision's), none (random) or a .pt file",
+                         group="model", metavar="coco|none|PATH", default="coco")
+    backbone_weights: str = _flag("initial backbone weights when --weights none: imagenet, none or a file",
+                                  group="model", metavar="imagenet|none|PATH", default="none")
+    min_size: int = _flag("images are resized so their short side is this many pixels", group="model",
+                          default=800)
+    max_size: int = _flag("... and their long side at most this many pixels", group="model", default=1333)
+    trainable_backbone_layers: int | None = _flag(
+        "number of trainable backbone stages (0-5, pretrained weights only; default: torchvision's)",
+        group="model", default=None)
+
+    # -- optimisation -------------------------------------------------------------------------
+    optimizer: str = _flag("optimizer", group="optim", choices=OPTIMIZERS, default="sgd")
+    lr: float = _flag("learning rate for the GLOBAL batch (batch-size x processes x grad-accum-steps)",
+                      group="optim", default=0.005)
+    scale_lr_from_batch: int | None = _flag(
+        "treat --lr as tuned for this global batch size and scale it linearly to the actual global "
+        "batch (lr x global / REF)", group="optim", metavar="REF", default=None)
+    momentum: float = _flag("SGD momentum", group="optim", default=0.9)
+    weight_decay: float = _flag("weight decay (SGD: L2 term; AdamW: decoupled)", group="optim", default=5e-4)
+    no_decay_norm_bias: bool = _flag("no weight decay on normalisation weights and biases", group="optim",
+                                     default=False)
+    lr_schedule: str = _flag("learning-rate schedule after warmup", group="optim", choices=LR_SCHEDULES,
+                             default="multistep")
+    lr_milestones: list[int] = _flag("multistep: epochs at which the rate is multiplied by --lr-gamma "
+                                     "(none = constant rate)", group="optim", item_type=int,
+                                     metavar="EPOCH", default_factory=list)
+    lr_gamma: float = _flag("multistep: factor applied at each milestone", group="optim", default=0.1)
+    warmup_steps: int = _flag(
+        "linear warmup length in optimizer steps; -1 = the tutorial's min(1000, steps in one epoch - 1); "
+        "0 = none", group="optim", default=-1)
+    warmup_factor: float = _flag("warmup starts at lr x this factor", group="optim", default=0.001)
+
+    # -- training loop ------------------------------------------------------------------------
+    epochs: int = _flag("number of epochs", group="train", default=30)
+    batch_size: int = _flag("images per batch per process", group="train", default=4)
+    grad_accum_steps: int = _flag("accumulate gradients over this many batches per optimizer step",
+                                  group="train", default=1)
+    clip_grad_norm: float = _flag("clip the global gradient norm to this value (0 = no clipping)",
+                                  group="train", default=0.0)
+    mixed_precision: str | None = _flag(
+        "mixed precision (default: the launcher's config, else no); fp16 needs a CUDA GPU, bf16 runs on "
+        "CPU and recent GPUs", group="train", choices=MIXED_PRECISION, default=None)
+    max_steps: int = _flag("stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit",
+                           group="train", default=0)
+    max_bad_steps: int = _flag("stop with an error after this many consecutive steps with a non-finite loss",
+                               group="train", default=5)
+    seed: int = _flag("random seed (model init, data order, augmentation)", group="train", default=42)
+    deterministic: bool = _flag("deterministic algorithms (bit-identical reruns and resumes on CPU; slower)",
+                                group="train", default=False)
+    cpu: bool = _flag("train on CPU even when a GPU is available", group="train", default=False)
+
+    # -- run folder and checkpoints -------------------------------------------------------------
+    output_dir: str | None = _flag("run folder (default: runs/<timestamp>)", group="run", metavar="DIR",
+                                   default=None)
+    checkpoint_every: int = _flag("also checkpoint every this many optimizer steps (0 = only at epoch ends)",
+                                  group="run", default=0)
+    keep_checkpoints: int = _flag("keep only the newest this many checkpoints", group="run", default=3)
+    resume: str = _flag("resume: none, auto (latest complete checkpoint of --output-dir, if any) or a "
+                        "checkpoint/run folder", group="run", metavar="none|auto|PATH", default="none")
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    eval_every: int = _flag("evaluate every this many epochs (0 = not during training)", group="eval",
+                            default=1)
+    eval_batch_size: int = _flag("images per batch per process during evaluation", group="eval", default=4)
+    best_metric: str = _flag("metric (higher is better) that picks the best checkpoint", group="eval",
+                             default="voc/mAP50")
+    final_eval: bool = _flag("score the final model on the test split at the end", group="eval", default=True)
+
+    # -- logging ------------------------------------------------------------------------------------
+    log_every: int = _flag("log metrics every this many optimizer steps", group="log", default=10)
+    tensorboard: bool = _flag("write TensorBoard scalars (through Accelerate's tracker)", group="log",
+                              default=True)
+    progress: bool = _flag("show a progress bar", group="log", default=True)
+
+    # -- distributed and cluster --------------------------------------------------------------------
+    dist_timeout: float = _flag("seconds a collective waits for the other ranks before failing",
+                                group="dist", default=60.0)
+    requeue_on_signal: bool = _flag("under Slurm, requeue the job after a SIGUSR1/SIGTERM checkpoint",
+                                    group="dist", default=True)
+
+    # -- testing aids -----------------------------------------------------------------------------
+    debug_nan_at_step: list[int] = _flag(
+        "TESTING AID: make the loss NaN at these global optimizer steps (0-based)", group="debug",
+        item_type=int, metavar="STEP", default_factory=list)
+    debug_nan_rank: int = _flag("TESTING AID: poison the loss only on this rank (-1 = every rank)", group="debug",
+                                default=-1)
+    debug_record_samples: bool = _flag(
+        "TESTING AID: each rank writes the image ids it trained on to debug/samples_rank<R>.jsonl",
+        group="debug", default=False)
+
+    config: str | None = _flag("YAML or TOML file of option values (flags given here override it)",
+                               group="config", metavar="FILE", default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+GROUP_TITLES = {
+    "config": "configuration file",
+    "data": "data",
+    "model": "model",
+    "optim": "optimisation",
+    "train": "training loop",
+    "run": "run folder and checkpoints",
+    "eval": "evaluation",
+    "log": "logging",
+    "dist": "distributed and cluster",
+    "debug": "testing aids",
+}
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _scalar_type(f: dataclasses.Field) -> type:
+    text = str(f.type)
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if text.startswith(name):
+            return kind
+    return str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per :class:`TrainConfig` field to ``parser``."""
+    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = meta["help"] + (f" (default: {default})" if default not in (None, []) else "")
+        help_text = help_text.replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
+        kind = _scalar_type(f)
+        if meta["item_type"] is not None:
+            kwargs.update(nargs="*", type=meta["item_type"], metavar=meta["metavar"] or "VALUE")
+        elif kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if meta["choices"] is not None:
+                kwargs["choices"] = list(meta["choices"])
+            if meta["metavar"] is not None:
+                kwargs["metavar"] = meta["metavar"]
+        groups[meta["group"]].add_argument(flag_name(f.name), **kwargs)
+
+
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        allow_abbrev=False,
+        description="Fine-tune a torchvision Faster R-CNN on face-mask VOC data, on one process or "
+        "many (accelerate launch). CPU, 2 processes: accelerate launch --config_file "
+        "launch/accelerate/cpu_2proc.yaml train.py ...",
+    )
+    add_arguments(parser)
+    return parser
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML options file into ``{field_name: value}``; clear errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+        elif suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(path.read_text())
+        else:
+            raise ValueError(f"config file {path}: unknown format {suffix!r} (use .yaml, .yml or .toml)")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"config file {path} is not valid {suffix[1:].upper()}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option names to values")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in fields or name == "config":
+            raise ValueError(f"config file {path}: unknown option {key!r}")
+        values[name] = _coerce(fields[name], value, f"config file {path}: option {key!r}")
+    return values
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    meta = f.metadata
+    if value is None:
+        if f.default is None:
+            return None
+        raise ValueError(f"{where} must not be empty")
+    if meta["item_type"] is not None:
+        items = value if isinstance(value, list) else [value]
+        try:
+            return [meta["item_type"](item) for item in items]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: expected a list of {meta['item_type'].__name__}, got {value!r}") from exc
+    kind = _scalar_type(f)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(value, (bool, list, dict)):
+        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
+    try:
+        # YAML reads 5e-3 as a string; going through str keeps both formats equal.
+        converted = kind(str(value)) if kind is not str else str(value)
+    except ValueError as exc:
+        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from exc
+    if kind is int and isinstance(value, float) and value != int(value):
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if meta["choices"] is not None and converted not in meta["choices"]:
+        raise ValueError(f"{where}: {converted!r} is not one of {', '.join(map(str, meta['choices']))}")
+    return converted
+
+
+def config_from_namespace(args: argparse.Namespace, argv: Sequence[str] | None = None) -> TrainConfig:
+    """Build a :class:`TrainConfig` from parsed flags, filling in ``--config`` file values.
+
+    A value from the file is used unless the same option was given on the command line
+    (``argv``: the raw arguments, needed to tell "given" from "default").
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {name: getattr(args, name) for name in names}
+    if values.get("config"):
+        from_file = read_config_file(values["config"])
+        given = _given_on_command_line(argv)
+        for name, value in from_file.items():
+            if name not in given:
+                values[name] = value
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def _given_on_command_line(argv: Sequence[str] | None) -> set[str]:
+    """Field names whose flag (or --no- form) appears in ``argv``."""
+    import sys
+
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    given = set()
+    for token in tokens:
+        if not token.startswith("--"):
+            continue
+        name = token[2:].split("=", 1)[0]
+        if name.startswith("no-"):
+            given.add(name[3:].replace("-", "_"))
+        given.add(name.replace("-", "_"))
+    return given
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Parse ``argv`` (default: sys.argv[1:]) into a validated :class:`TrainConfig`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return config_from_namespace(args, argv)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise ValueError naming the flag for values no training run can use."""
+    positive = ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every", "keep_checkpoints",
+                "max_bad_steps")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{flag_name(name)} must be at least 1, got {getattr(cfg, name)}")
+    non_negative = ("workers", "checkpoint_every", "eval_every", "max_steps", "clip_grad_norm", "weight_decay",
+                    "momentum")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{flag_name(name)} must not be negative, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    if not 0.0 < cfg.test_fraction < 1.0:
+        raise ValueError(f"--test-fraction must be in (0, 1), got {cfg.test_fraction}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.scale_lr_from_batch is not None and cfg.scale_lr_from_batch < 1:
+        raise ValueError(f"--scale-lr-from-batch must be a positive batch size, got {cfg.scale_lr_from_batch}")
+    if cfg.warmup_steps < -1:
+        raise ValueError(f"--warmup-steps must be -1 (auto), 0 or positive, got {cfg.warmup_steps}")
+    if not 0.0 < cfg.warmup_factor <= 1.0:
+        raise ValueError(f"--warmup-factor must be in (0, 1], got {cfg.warmup_factor}")
+    if cfg.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout must be positive, got {cfg.dist_timeout}")
+    if cfg.aspect_ratio_group_factor < -1:
+        raise ValueError(f"--aspect-ratio-group-factor must be -1 (off) or >= 0, got {cfg.aspect_ratio_group_factor}")
+    if sorted(cfg.lr_milestones) != list(cfg.lr_milestones):
+        raise ValueError(f"--lr-milestones must be increasing, got {cfg.lr_milestones}")

@@ -1,0 +1,101 @@
+"""The datasets of a training run: data folder, train/val/test split and its manifest.
+
+The split is made by :func:`distdet.data.make_split` (``--split``), or read from
+``--split-manifest``, or, when a run resumes, from the run's own ``split.json``. With
+``--val-fraction`` a validation part is carved out of the training images (stratified on each
+image's rarest class, seeded with ``--seed``) unless the manifest already has one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from torch.utils.data import Dataset
+
+from distdet.classes import CLASS_NAMES
+from distdet.data import DetectionDataset, Split, build_index, get_transforms, load_manifest, make_split
+from distdet.data import save_manifest, stratified_split
+from distdet.data.records import ImageRecord
+from distdet.io_utils import atomic_write
+from distdet.training.config import TrainConfig
+
+SPLIT_NAME = "split.json"
+
+
+@dataclass
+class TrainingData:
+    data_dir: Path
+    split: Split
+    train: DetectionDataset
+    val: DetectionDataset | None
+    test: DetectionDataset
+    manifest_path: Path
+
+    @property
+    def train_records(self) -> list[ImageRecord]:
+        return self.train.records
+
+    @property
+    def eval_split(self) -> tuple[str, Dataset]:
+        """The part scored during training: val when there is one, else test."""
+        return ("val", self.val) if self.val is not None else ("test", self.test)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"name": self.split.name, "seed": self.split.seed, "params": self.split.params,
+                "train": self.split.train, "val": self.split.val, "test": self.split.test}
+
+
+def resolve_data_dir(data_dir: str | None, accelerator: Accelerator) -> Path:
+    """``--data-dir``, or the synthetic default dataset (generated once, by the first process)."""
+    if data_dir is not None:
+        path = Path(data_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--data-dir {path} is not a folder")
+        return path.resolve()
+    from distdet.data.synthetic import default_data_dir
+
+    with accelerator.main_process_first():
+        return Path(default_data_dir()).resolve()
+
+
+def choose_split(cfg: TrainConfig, records: list[ImageRecord], run_split: Path | None) -> Split:
+    """The split to train with (see the module docstring)."""
+    if cfg.split_manifest:
+        split = load_manifest(cfg.split_manifest)
+    elif run_split is not None and run_split.is_file():
+        return load_manifest(run_split)  # a resumed run keeps its split exactly
+    elif cfg.split == "stratified":
+        split = make_split(records, "stratified", test_fraction=cfg.test_fraction, seed=cfg.seed)
+    else:
+        split = make_split(records, cfg.split)
+    if cfg.val_fraction > 0 and not split.val:
+        by_stem = {r.stem: r for r in records}
+        carved = stratified_split([by_stem[s] for s in split.train if s in by_stem],
+                                  test_fraction=cfg.val_fraction, seed=cfg.seed)
+        split = replace(split, train=carved.train, val=carved.test,
+                        params={**split.params, "val_fraction": cfg.val_fraction, "val_seed": cfg.seed})
+    return split
+
+
+def prepare_data(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, resuming: bool) -> TrainingData:
+    """Index the data, choose the split, write ``split.json`` (main process) and build the datasets."""
+    data_dir = resolve_data_dir(cfg.data_dir, accelerator)
+    records = build_index(data_dir, CLASS_NAMES).records
+    manifest_path = Path(run_dir) / SPLIT_NAME
+    split = choose_split(cfg, records, manifest_path if resuming else None)
+    parts = split.select(records)
+    if not parts["train"]:
+        raise ValueError(f"the split of {data_dir} has no training images")
+    if accelerator.is_main_process:
+        atomic_write(manifest_path, lambda tmp: save_manifest(tmp, split))
+    eval_transform = get_transforms(cfg.augment, train=False)
+    return TrainingData(
+        data_dir=data_dir,
+        split=split,
+        train=DetectionDataset(parts["train"], transforms=get_transforms(cfg.augment, train=True)),
+        val=DetectionDataset(parts["val"], transforms=eval_transform) if parts["val"] else None,
+        test=DetectionDataset(parts["test"], transforms=eval_transform),
+        manifest_path=manifest_path,
+    )
