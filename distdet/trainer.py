@@ -157,7 +157,9 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     with accelerator.main_process_first():  # the first process fills the weights cache
         model = build_model(cfg.model, len(CLASS_NAMES), weights=cfg.weights, backbone_weights=cfg.backbone_weights,
                             min_size=cfg.min_size, max_size=cfg.max_size,
-                            trainable_backbone_layers=cfg.trainable_backbone_layers)
+                            trainable_backbone_layers=cfg.trainable_backbone_layers,
+                            box_batch_size_per_image=cfg.box_batch_size_per_image,
+                            rpn_batch_size_per_image=cfg.rpn_batch_size_per_image)
     global_batch = cfg.batch_size * world * cfg.grad_accum_steps
     lr = effective_lr(cfg, global_batch)
     optimizer = build_optimizer(model, cfg, lr)
