@@ -72,9 +72,15 @@ def build_model(
     trainable_backbone_layers: int | None = None,
     box_score_thresh: float = 0.05,
     box_detections_per_img: int = 100,
+    box_batch_size_per_image: int = 512,
+    rpn_batch_size_per_image: int = 256,
     frozen_batchnorm: bool = False,
 ) -> nn.Module:
     """Build detector ``name`` for ``num_classes`` object classes (+1 background output).
+
+    ``box_batch_size_per_image`` / ``rpn_batch_size_per_image`` (torchvision's defaults) are the
+    proposals / anchors sampled per image for the training losses; they do not affect inference,
+    and on CPU the box head's cost grows with the first.
 
     Backbones built from pretrained weights use frozen batch norm (torchvision's convention);
     ``frozen_batchnorm=True`` gives that structure without the pretrained weights, which is
@@ -88,6 +94,8 @@ def build_model(
         max_size=max_size,
         box_score_thresh=box_score_thresh,
         box_detections_per_img=box_detections_per_img,
+        box_batch_size_per_image=box_batch_size_per_image,
+        rpn_batch_size_per_image=rpn_batch_size_per_image,
     )
     if name == "fasterrcnn_lite0_fpn":
         return _build_lite0(

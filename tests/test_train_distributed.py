@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from distdet.training.checkpoints import latest_checkpoint
-from tests.trainer_support import (
+from trainer_support import (
     FAST, check_ok, child_env, launch_command, make_tiny_dataset, read_jsonl, run, wait_for, worker_pids,
 )
 

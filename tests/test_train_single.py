@@ -14,8 +14,8 @@ import torch
 
 from distdet.model_card import load_detector_model
 from distdet.training.checkpoints import latest_checkpoint
-from distdet.training.config import TrainConfig, build_parser, flag_name, parse_config
-from tests.trainer_support import (
+from distdet.training.config import TrainConfig, flag_name, parse_config
+from trainer_support import (
     FAST, assert_same_weights, check_ok, child_env, free_port, load_weights, make_tiny_dataset, read_jsonl, run,
     train_command, wait_for,
 )

@@ -75,6 +75,11 @@ class TrainConfig:
     trainable_backbone_layers: int | None = _flag(
         "number of trainable backbone stages (0-5, pretrained weights only; default: torchvision's)",
         group="model", default=None)
+    box_batch_size_per_image: int = _flag(
+        "region proposals sampled per image for the box head's loss (torchvision's default 512; "
+        "smaller is much faster on CPU)", group="model", default=512)
+    rpn_batch_size_per_image: int = _flag("anchors sampled per image for the RPN's loss", group="model",
+                                          default=256)
 
     # -- optimisation -------------------------------------------------------------------------
     optimizer: str = _flag("optimizer", group="optim", choices=OPTIMIZERS, default="sgd")
@@ -332,7 +337,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Raise ValueError naming the flag for values no training run can use."""
-    positive = ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every", "keep_checkpoints",
+    positive = ("box_batch_size_per_image", "rpn_batch_size_per_image", "epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every", "keep_checkpoints",
                 "max_bad_steps")
     for name in positive:
         if getattr(cfg, name) < 1:
