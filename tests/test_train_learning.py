@@ -10,7 +10,6 @@ uses the pretrained backbone; it needs the optional ``lite`` extra and skips wit
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
