@@ -11,7 +11,10 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "check_data",
     "evaluate",
+    "export",
     "make_synthetic",
+    "predict",
+    "report",
     "train",
 )
 

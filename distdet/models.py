@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, WeightsEnum
 from torchvision.models.detection import faster_rcnn as tv_frcnn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from distdet.weights import ensure_available, load_state_dict_file
 
@@ -73,12 +74,17 @@ def build_model(
     box_detections_per_img: int = 100,
     box_batch_size_per_image: int = 512,
     rpn_batch_size_per_image: int = 256,
+    frozen_batchnorm: bool = False,
 ) -> nn.Module:
     """Build detector ``name`` for ``num_classes`` object classes (+1 background output).
 
     ``box_batch_size_per_image`` / ``rpn_batch_size_per_image`` (torchvision's defaults) are the
     proposals / anchors sampled per image for the training losses; they do not affect inference,
     and on CPU the box head's cost grows with the first.
+
+    Backbones built from pretrained weights use frozen batch norm (torchvision's convention);
+    ``frozen_batchnorm=True`` gives that structure without the pretrained weights, which is
+    how a fine-tuned detector is rebuilt from its model card before its weights are loaded.
 
     Raises ValueError for an unknown name or weights choice, WeightsUnavailableError when
     downloadable weights are asked for offline and are not cached.
@@ -92,7 +98,9 @@ def build_model(
         rpn_batch_size_per_image=rpn_batch_size_per_image,
     )
     if name == "fasterrcnn_lite0_fpn":
-        return _build_lite0(num_classes, weights, backbone_weights, trainable_backbone_layers, head_kwargs)
+        return _build_lite0(
+            num_classes, weights, backbone_weights, trainable_backbone_layers, frozen_batchnorm, head_kwargs
+        )
     if name not in TORCHVISION_MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
     spec = TORCHVISION_MODELS[name]
@@ -105,6 +113,8 @@ def build_model(
         **head_kwargs,
     )
     _replace_box_predictor(model, num_classes)
+    if frozen_batchnorm:
+        _freeze_batchnorm(model.backbone.body)
     if isinstance(imagenet, Path):
         _load_partial(model.backbone.body, imagenet, "backbone")
     if isinstance(coco, Path):
@@ -150,6 +160,7 @@ def _build_lite0(
     weights: str,
     backbone_weights: str,
     trainable_backbone_layers: int | None,
+    frozen_batchnorm: bool,
     head_kwargs: dict,
 ) -> nn.Module:
     from distdet.backbones.lite0 import fasterrcnn_lite0_fpn  # optional extra: timm
@@ -161,12 +172,32 @@ def _build_lite0(
     model = fasterrcnn_lite0_fpn(
         num_classes + 1,
         pretrained_backbone=backbone_weights == "imagenet",
-        trainable_backbone_layers=3 if trainable_backbone_layers is None else trainable_backbone_layers,
+        trainable_backbone_layers=trainable_backbone_layers,
+        frozen_bn=True if frozen_batchnorm else None,
         **head_kwargs,
     )
     if weights != "none":
         _load_partial(model, Path(weights), "detector")
     return model
+
+
+def _freeze_batchnorm(module: nn.Module) -> None:
+    """Replace every ``BatchNorm2d`` below ``module`` by a ``FrozenBatchNorm2d`` with its values."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            _freeze_batchnorm(child)
+
+
+def uses_frozen_batchnorm(model: nn.Module) -> bool:
+    """True when the detector's backbone normalises with frozen (statistics-free) batch norm."""
+    return any("Frozen" in type(m).__name__ for m in model.backbone.modules())
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -83,3 +83,30 @@ def side_by_side(left: Image.Image, right: Image.Image, titles: tuple[str, str] 
     draw.text((2, 2), titles[0], fill=(0, 0, 0), font=font)
     draw.text((left.width + gap + 2, 2), titles[1], fill=(0, 0, 0), font=font)
     return canvas
+
+
+def add_legend(image: Image.Image, class_names: Sequence[str] = CLASS_NAMES,
+               colours: Mapping[str, tuple[int, int, int]] = CLASS_COLOURS) -> Image.Image:
+    """Return ``image`` with a white strip below it naming each class next to a swatch of its
+    colour, wrapped onto more rows when the image is narrow (and widened when even one class
+    name does not fit)."""
+    font = _font(max(10, round(min(image.size) / 30)))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    extents = [probe.textbbox((0, 0), name, font=font) for name in class_names]
+    line_h = max(bottom - top for _, top, _, bottom in extents) + 6
+    places, x, row = [], 4, 0
+    for left, _, right, _ in extents:
+        item_w = line_h + 4 + (right - left)
+        if x > 4 and x + item_w > image.width:
+            x, row = 4, row + 1
+        places.append((x, row))
+        x += item_w + 12
+    widest = max(line_h + 4 + right - left for left, _, right, _ in extents) + 8
+    canvas = Image.new("RGB", (max(image.width, widest), image.height + (row + 1) * (line_h + 4) + 2), _BACKGROUND)
+    canvas.paste(to_pil(image), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for name, (left, top, _, bottom), (x, row) in zip(class_names, extents, places):
+        y = image.height + 3 + row * (line_h + 4)
+        draw.rectangle([x, y, x + line_h - 1, y + line_h - 1], fill=tuple(colours.get(name, _FALLBACK_COLOUR)))
+        draw.text((x + line_h + 4 - left, y + (line_h - (bottom - top)) // 2 - top), name, fill=(0, 0, 0), font=font)
+    return canvas

@@ -47,7 +47,8 @@ from distdet.data import collate_detection
 from distdet.eval import evaluate_model, scalar_metrics
 from distdet.io_utils import atomic_write_json
 from distdet.model_card import ModelCard, save_detector
-from distdet.models import build_model
+from distdet.models import build_model, uses_frozen_batchnorm
+from distdet.report import write_training_plots
 from distdet.training.checkpoints import (
     CHECKPOINTS_DIR,
     TrainerState,
@@ -226,6 +227,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
               "world_size": world}
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "report.json", report)
+        _write_plots(run_dir)
     log.event("finished", **{k: v for k, v in report.items() if k != "test_metrics"})
     stop.uninstall()
     accelerator.wait_for_everyone()
@@ -454,12 +456,22 @@ def _model_card(run: Run, metrics: dict[str, dict[str, float]]) -> ModelCard:
     return ModelCard(
         model=cfg.model,
         class_names=list(CLASS_NAMES),
-        build={"min_size": cfg.min_size, "max_size": cfg.max_size},
+        build={"min_size": cfg.min_size, "max_size": cfg.max_size,
+               "frozen_batchnorm": uses_frozen_batchnorm(run.accelerator.unwrap_model(run.model))},
         info={"trained_with": "distdet train", "run_dir": str(run.run_dir), "global_step": run.state.global_step,
               "epoch": run.state.epoch, "data_dir": str(run.data.data_dir),
               "split_manifest": str(run.data.manifest_path), "metrics": metrics,
               "versions": _versions()},
     )
+
+
+def _write_plots(run_dir: Path) -> None:
+    """Training plots from metrics.jsonl; a plotting failure is logged, never fatal."""
+    try:
+        for path in write_training_plots(run_dir):
+            logger.info("plot written: %s", path)
+    except Exception:  # noqa: BLE001 - the weights are saved; plots are a convenience
+        logger.exception("could not write the training plots of %s", run_dir)
 
 
 def _versions() -> dict[str, str]:

@@ -8,7 +8,13 @@ import torch
 
 from distdet.classes import CLASS_NAMES
 from distdet.model_card import ModelCard, load_detector_model, save_detector
-from distdet.models import MODEL_NAMES, TORCHVISION_MODELS, build_model, set_eval_thresholds
+from distdet.models import (
+    MODEL_NAMES,
+    TORCHVISION_MODELS,
+    build_model,
+    set_eval_thresholds,
+    uses_frozen_batchnorm,
+)
 from distdet.weights import WeightsUnavailableError, cached_weights_path
 
 SMALL = dict(min_size=96, max_size=128)
@@ -108,3 +114,17 @@ def test_eval_thresholds_are_set_and_returned():
 
 def test_model_names_include_the_tutorial_model():
     assert "fasterrcnn_resnet50_fpn" in MODEL_NAMES
+
+
+def test_frozen_batchnorm_rebuild_loads_a_pretrained_structure(tmp_path):
+    """A detector fine-tuned from pretrained weights (frozen BN) reloads from its card offline."""
+    pretrained_like = build_model("fasterrcnn_mobilenet_v3_large_320_fpn", 3, frozen_batchnorm=True, **SMALL)
+    assert uses_frozen_batchnorm(pretrained_like)
+    assert not uses_frozen_batchnorm(build_model("fasterrcnn_mobilenet_v3_large_320_fpn", 3, **SMALL))
+    card = ModelCard(
+        "fasterrcnn_mobilenet_v3_large_320_fpn", list(CLASS_NAMES), dict(SMALL, frozen_batchnorm=True)
+    )
+    save_detector(pretrained_like, card, tmp_path)
+    loaded, _ = load_detector_model(tmp_path)
+    for key, value in pretrained_like.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
