@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-size", type=int, default=160)
     p.add_argument("--max-size", type=int, default=214)
     p.add_argument("--batch-size", type=int, default=4, help="images per step per process")
+    p.add_argument("--box-batch-size-per-image", type=int, default=512,
+                   help="proposals sampled per image for the box loss (torchvision's default 512)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process (the trainer's default)")
     p.add_argument("--steps", type=int, default=20, help="measured steps per row (after warmup)")
     p.add_argument("--warmup", type=int, default=4, help="steps not measured at the start of each row")
@@ -69,7 +71,8 @@ def bare_loop(args: argparse.Namespace) -> None:
     dataset = DetectionDataset(records, transforms=get_transforms("hflip", train=True))
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         collate_fn=collate_detection)
-    model = build_model(args.model, len(CLASS_NAMES), min_size=args.min_size, max_size=args.max_size)
+    model = build_model(args.model, len(CLASS_NAMES), min_size=args.min_size, max_size=args.max_size,
+                        box_batch_size_per_image=args.box_batch_size_per_image)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=5e-4)
@@ -166,7 +169,7 @@ def run_bare(args: argparse.Namespace, threads: int, tmp: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", "bare", "--out", str(out), "--data-dir", args.data_dir,
            "--model", args.model, "--min-size", str(args.min_size), "--max-size", str(args.max_size),
            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--steps", str(args.steps),
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup), "--box-batch-size-per-image", str(args.box_batch_size_per_image)]
     peaks, _ = _run(cmd, threads, "train_throughput.py")
     return {**json.loads(out.read_text()), "peak_rss_mib": peaks}
 
@@ -177,6 +180,7 @@ def run_distdet(args: argparse.Namespace, threads: int, processes: int, tmp: Pat
     train = [str(REPO / "train.py"), "--data-dir", args.data_dir, "--split", "stratified", "--test-fraction", "0.05",
              "--model", args.model, "--weights", "none", "--min-size", str(args.min_size), "--max-size",
              str(args.max_size), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+             "--box-batch-size-per-image", str(args.box_batch_size_per_image),
              "--max-steps", str(per_rank_steps), "--epochs", "1000", "--log-every", "1", "--eval-every", "0",
              "--no-final-eval", "--no-progress", "--no-tensorboard", "--output-dir", str(run_dir)]
     if processes == 1:
@@ -231,6 +235,7 @@ def main(argv=None) -> int:
                       f"data wait {100 * result['data_wait_frac']:4.1f}%  peak RSS {result['peak_rss_mib']}", flush=True)
     best = {row: max(rs, key=lambda r: r["images_per_s"]) for row, rs in results.items()}
     print(f"\nmodel {args.model}, min/max size {args.min_size}/{args.max_size}, batch {args.batch_size}/process, "
+          f"box batch {args.box_batch_size_per_image}, "
           f"{args.workers} workers, {args.steps} measured steps; load average before {load_before[0]:.2f}, "
           f"after {os.getloadavg()[0]:.2f}")
     print(f"{'row':15s} {'procs x threads':>15s} {'img/s':>7s} {'data wait':>9s} {'peak RSS/process (MiB)':>24s}")

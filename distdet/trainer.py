@@ -58,7 +58,7 @@ from distdet.training.checkpoints import (
     save_checkpoint,
 )
 from distdet.training.config import TrainConfig, parse_config
-from distdet.training.data_setup import TrainingData, prepare_data
+from distdet.training.data_setup import SPLIT_NAME, TrainingData, prepare_data
 from distdet.training.distributed import LaunchError, agree_any, build_accelerator
 from distdet.training.optim import build_optimizer, build_scheduler, effective_lr, resolve_warmup_steps
 from distdet.training.run_logging import Progress, RunLog, configure_logging
@@ -140,7 +140,9 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     stop = StopRequest().install()
 
     # -- 2. data ----------------------------------------------------------------------------------
-    data = prepare_data(cfg, run_dir, accelerator, resuming=resume_from is not None)
+    # a resumed run keeps the split of the run it resumes (its split.json), unless told otherwise
+    resume_split = resume_from.parent.parent / SPLIT_NAME if resume_from is not None else None
+    data = prepare_data(cfg, run_dir, accelerator, resume_split=resume_split)
     train_set = SeededSampleDataset(data.train, cfg.seed)
     group_ids = None
     if cfg.aspect_ratio_group_factor >= 0:
@@ -192,7 +194,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
         run.debug_file = open(run_dir / "debug" / f"samples_rank{rank}.jsonl", "a")
 
     # -- 5. epochs ------------------------------------------------------------------------------------
-    outcome = "done"
+    outcome = "max_steps" if _max_steps_reached(run) else "done"
     while state.epoch < cfg.epochs and outcome == "done":
         outcome = _run_epoch(run)
         if outcome == "epoch_end":

@@ -20,7 +20,8 @@ import pytest
 
 from distdet.training.checkpoints import latest_checkpoint
 from trainer_support import (
-    FAST, check_ok, child_env, launch_command, make_tiny_dataset, read_jsonl, run, wait_for, worker_pids,
+    FAST, assert_same_weights, check_ok, child_env, launch_command, load_weights, make_tiny_dataset, read_jsonl,
+    run, wait_for, worker_pids,
 )
 
 pytestmark = pytest.mark.timeout(600)
@@ -77,6 +78,19 @@ def test_two_processes_shard_log_once_skip_nan_and_resume(data_dir, tmp_path):
     resumed = [e for e in read_jsonl(out / "events.jsonl") if e["event"] == "resumed"]
     assert len(resumed) == 1 and resumed[0]["global_step"] == 6 and resumed[0]["world_size"] == 2
     assert latest_checkpoint(out).name == "step_000009"
+
+
+def test_two_process_deterministic_resume_with_accumulation_is_bit_identical(data_dir, tmp_path):
+    """2 ranks, 2 batches per step: 4 steps straight == 1 step (mid-epoch), stop, resume to 4."""
+    common = [*FAST, "--data-dir", str(data_dir), "--epochs", "3", "--deterministic", "--grad-accum-steps", "2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    check_ok(run(launch_command([*common, "--output-dir", str(straight), "--max-steps", "4"])))
+    check_ok(run(launch_command([*common, "--output-dir", str(split), "--max-steps", "1"])))
+    state = json.loads((latest_checkpoint(split) / "trainer_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"], state["world_size"]) == (0, 1, 2)
+    check_ok(run(launch_command([*common, "--output-dir", str(split), "--max-steps", "4", "--resume", "auto"])))
+    _assert_two_ranks(straight)
+    assert_same_weights(load_weights(straight), load_weights(split))
 
 
 def _fake_scontrol(folder: Path) -> Path:

@@ -235,3 +235,12 @@ def test_world_size_above_one_with_single_process_accelerator_is_refused(tmp_pat
     for rank in (0, 1):
         assert f"rank {rank} REFUSED the launcher set WORLD_SIZE=2 but Accelerate sees a single process" in done.stdout
     assert "ACCEPTED" not in done.stdout and "cpu_2proc.yaml" in done.stdout
+
+
+def test_distdet_train_subcommand_trains(data_dir, tmp_path):
+    out = tmp_path / "run"
+    check_ok(run([sys.executable, "-m", "distdet", "train", *FAST, "--data-dir", str(data_dir),
+                  "--output-dir", str(out), "--max-steps", "1", "--lr", "0.001"]))
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["lr"] == 0.001 and config["config"]["max_steps"] == 1
+    assert (out / "model.pt").is_file()

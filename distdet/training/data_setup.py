@@ -1,7 +1,7 @@
 """The datasets of a training run: data folder, train/val/test split and its manifest.
 
 The split is made by :func:`distdet.data.make_split` (``--split``), or read from
-``--split-manifest``, or, when a run resumes, from the run's own ``split.json``. With
+``--split-manifest``, or, when a run resumes, from the resumed run's ``split.json``. With
 ``--val-fraction`` a validation part is carved out of the training images (stratified on each
 image's rarest class, seeded with ``--seed``) unless the manifest already has one.
 """
@@ -60,12 +60,12 @@ def resolve_data_dir(data_dir: str | None, accelerator: Accelerator) -> Path:
         return Path(default_data_dir()).resolve()
 
 
-def choose_split(cfg: TrainConfig, records: list[ImageRecord], run_split: Path | None) -> Split:
+def choose_split(cfg: TrainConfig, records: list[ImageRecord], resume_split: Path | None) -> Split:
     """The split to train with (see the module docstring)."""
     if cfg.split_manifest:
         split = load_manifest(cfg.split_manifest)
-    elif run_split is not None and run_split.is_file():
-        return load_manifest(run_split)  # a resumed run keeps its split exactly
+    elif resume_split is not None and resume_split.is_file():
+        return load_manifest(resume_split)  # a resumed run keeps its split exactly
     elif cfg.split == "stratified":
         split = make_split(records, "stratified", test_fraction=cfg.test_fraction, seed=cfg.seed)
     else:
@@ -79,12 +79,16 @@ def choose_split(cfg: TrainConfig, records: list[ImageRecord], run_split: Path |
     return split
 
 
-def prepare_data(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, resuming: bool) -> TrainingData:
-    """Index the data, choose the split, write ``split.json`` (main process) and build the datasets."""
+def prepare_data(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator,
+                 resume_split: Path | None = None) -> TrainingData:
+    """Index the data, choose the split, write ``split.json`` (main process) and build the datasets.
+
+    ``resume_split``: the ``split.json`` of the run being resumed, used when it exists.
+    """
     data_dir = resolve_data_dir(cfg.data_dir, accelerator)
     records = build_index(data_dir, CLASS_NAMES).records
     manifest_path = Path(run_dir) / SPLIT_NAME
-    split = choose_split(cfg, records, manifest_path if resuming else None)
+    split = choose_split(cfg, records, resume_split)
     parts = split.select(records)
     if not parts["train"]:
         raise ValueError(f"the split of {data_dir} has no training images")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import math
 import random
 from collections.abc import Iterator, Sequence
 
@@ -112,11 +111,6 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for batch in self.epoch_batches()[self.start:]:
             yield [(self.epoch, index) for index in batch]
-
-
-def batches_per_epoch(dataset_size: int, batch_size: int, num_replicas: int) -> int:
-    """Batches per rank per epoch without aspect-ratio grouping."""
-    return math.ceil(math.ceil(dataset_size / num_replicas) / batch_size)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
