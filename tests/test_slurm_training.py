@@ -115,7 +115,7 @@ def test_usr1_mid_training_requeues_resumes_and_matches_an_uninterrupted_run(slu
     kinds = [e["event"] for e in events]
     assert kinds.index("started") < kinds.index("interrupted") < kinds.index("resumed") < kinds.index("finished"), kinds
     interrupted = next(e for e in events if e["event"] == "interrupted")
-    assert interrupted["signal"] == "SIGUSR1" and interrupted["requeued"] is True
+    assert set(interrupted["signals"].values()) == {"SIGUSR1"} and interrupted["requeued"] is True
     assert 0 < interrupted["global_step"] < 12
     resumed_event = next(e for e in events if e["event"] == "resumed")
     assert resumed_event["checkpoint"] and resumed_event["global_step"] == interrupted["global_step"]
