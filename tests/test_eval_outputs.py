@@ -184,3 +184,24 @@ def test_evaluate_reports_missing_checkpoint(dataset, tmp_path, capsys):
     root, _ = dataset
     assert run_command(["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--data-dir", str(root)]) == 2
     assert f"no model weights at {tmp_path / 'nothing'}" in capsys.readouterr().err
+
+
+def test_checkpoint_defaults_to_the_data_and_split_it_was_trained_on(dataset, tmp_path, capsys):
+    """A run folder evaluated without --data-dir uses the data and split recorded in its card."""
+    from distdet.data import save_manifest, stratified_split
+    from distdet.model_card import ModelCard, save_detector
+    from distdet.models import build_model
+
+    root, records = dataset
+    split = stratified_split(records, test_fraction=0.3, seed=3)
+    manifest = save_manifest(tmp_path / "split.json", split)
+    model = build_model("fasterrcnn_mobilenet_v3_large_320_fpn", 3, min_size=96, max_size=128)
+    info = {"data_dir": str(root), "split_manifest": str(manifest)}
+    card = ModelCard("fasterrcnn_mobilenet_v3_large_320_fpn", list(CLASS_NAMES), {"min_size": 96, "max_size": 128}, info)
+    save_detector(model, card, tmp_path / "run")
+    assert run_command(["evaluate", "--checkpoint", str(tmp_path / "run"), "--num-rendered", "0"]) == 0
+    assert f"using the training run's data {root}" in capsys.readouterr().err
+    ground_truth = json.loads((tmp_path / "run" / "eval-test" / "ground_truth.json").read_text())
+    assert [image["file_name"] for image in ground_truth["images"]] == [
+        record.image_path.name for record in split.select(records)["test"]
+    ]

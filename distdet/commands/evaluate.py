@@ -50,7 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a COCO results list (image_id, category_id, bbox x,y,w,h, score) with the ids of the "
                              "ground_truth.json this command writes for the same split; [] is valid")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="dataset folder (images/ + annotations/); default: the synthetic default dataset")
+                        help="dataset folder (images/ + annotations/); default: with --checkpoint, the data and "
+                             "split manifest recorded in its model card when both still exist, else the "
+                             "synthetic default dataset")
     parser.add_argument("--split", choices=SPLIT_PARTS, default="test", help="part to evaluate (default: test)")
     parser.add_argument("--split-scheme", choices=("tutorial", "stratified"), default="tutorial",
                         help="how the split is made when no manifest is given (default: tutorial, the last 170 "
@@ -134,6 +136,16 @@ def _run_predictions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_to_training_data(args: argparse.Namespace, info: dict) -> None:
+    """Without --data-dir and --split-manifest, evaluate on the data and split the model was trained on."""
+    if args.data_dir is not None or args.split_manifest is not None:
+        return
+    data_dir, manifest = info.get("data_dir"), info.get("split_manifest")
+    if data_dir and manifest and Path(data_dir).is_dir() and Path(manifest).is_file():
+        args.data_dir, args.split_manifest = Path(data_dir), Path(manifest)
+        print(f"distdet evaluate: using the training run's data {data_dir} and split {manifest}", file=sys.stderr)
+
+
 def _run_checkpoint(args: argparse.Namespace) -> int:
     import torch
     from accelerate import Accelerator
@@ -145,6 +157,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
     model, card = load_detector_model(args.checkpoint, device=accelerator.device)
+    _default_to_training_data(args, card.info)
     class_names = tuple(card.class_names)
     records = _records(args, class_names)
     checkpoint = Path(args.checkpoint)
