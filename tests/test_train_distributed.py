@@ -186,3 +186,26 @@ def test_killed_rank_ends_the_job_quickly_and_is_named(data_dir, tmp_path):
     assert elapsed < 60, f"the job took {elapsed:.0f}s to end after a rank died"
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", output), output[-4000:]
     assert "Signal 9 (SIGKILL)" in output or "exitcode  : -9" in output
+
+
+@pytest.mark.slow
+def test_hung_rank_times_out_within_dist_timeout(data_dir, tmp_path):
+    """A rank that stops answering (SIGSTOP) makes the other fail after --dist-timeout, not 30 min."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(launch_command([*FAST, "--data-dir", str(data_dir), "--output-dir", str(out),
+                                            "--epochs", "100", "--dist-timeout", "10"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
+                            start_new_session=True)
+    try:
+        pids = _wait_until_training(proc, out)
+        os.kill(pids[1], signal.SIGSTOP)
+        start = time.monotonic()
+        output, _ = proc.communicate(timeout=150)
+        elapsed = time.monotonic() - start
+    finally:
+        _stop(proc)
+    assert proc.returncode != 0
+    # 10 s collective timeout on rank 0, then the launcher's 30 s grace before it kills the stopped rank
+    assert elapsed < 60, f"the job took {elapsed:.0f}s to end after a rank hung"
+    assert "rank 0 of 2: a collective operation failed" in output
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", output)

@@ -244,3 +244,10 @@ def test_distdet_train_subcommand_trains(data_dir, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["lr"] == 0.001 and config["config"]["max_steps"] == 1
     assert (out / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.y*ml")),
+                         ids=lambda p: p.name)
+def test_shipped_config_files_load(path):
+    cfg = parse_config(["--config", str(path)])
+    assert cfg.config == str(path)
