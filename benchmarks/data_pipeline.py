@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distdet.classes import CLASS_NAMES  # noqa: E402
 from distdet.data import DetectionDataset, build_index, collate_detection, get_transforms  # noqa: E402
+from timing import median_time  # noqa: E402  (benchmarks/timing.py)
 
 
 def default_data_dir() -> Path:
@@ -61,20 +61,12 @@ def plain_lxml(xml_paths: list[Path]) -> int:
     return sum(len(etree.parse(str(p), parser).getroot().findall("object")) for p in xml_paths)
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
 
 def index_table(data_dir: Path, epochs: int, repeats: int) -> str:
     xml_paths = sorted((data_dir / "annotations").glob("*.xml"))
-    t_index, index = timed(lambda: build_index(data_dir), repeats)
-    t_lxml, n_lxml = timed(lambda: plain_lxml(xml_paths), repeats)
-    t_tut, n_tut = timed(lambda: tutorial_targets(xml_paths), max(1, repeats // 2))
+    t_index, index = median_time(lambda: build_index(data_dir), repeats)
+    t_lxml, n_lxml = median_time(lambda: plain_lxml(xml_paths), repeats)
+    t_tut, n_tut = median_time(lambda: tutorial_targets(xml_paths), max(1, repeats // 2))
     assert index.num_objects == n_lxml == n_tut, (index.num_objects, n_lxml, n_tut)
     rows = [
         ("distdet build_index (parse + validate + image headers)", t_index, t_index),

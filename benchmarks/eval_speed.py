@@ -23,10 +23,8 @@ import io
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from distdet.classes import CLASS_NAMES  # noqa: E402
 from distdet.data import build_index, make_split, select_records  # noqa: E402
 from distdet.data.records import ImageRecord  # noqa: E402
+from timing import median_time  # noqa: E402  (benchmarks/timing.py)
 
 
 def load_test_split(data_dir: Path | None) -> tuple[list[ImageRecord], str]:
@@ -81,14 +80,6 @@ def simulate_detections(records: list[ImageRecord], dets_per_image: int, seed: i
                     "labels": np.asarray(labels, dtype=np.int64)[order]})
     return out
 
-
-def time_it(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def run_distdet(records, preds):
@@ -228,7 +219,7 @@ def main() -> int:
         ]
         base = None
         for name, fn in rows:
-            seconds, (ap, ap50) = time_it(fn, args.repeats)
+            seconds, (ap, ap50) = median_time(fn, args.repeats)
             base = base or seconds
             print(f"{k:>16}  {total:>10}  {name:<34} {seconds:>8.3f}  {seconds / base:>6.2f}  {ap:>7.4f}  {ap50:>7.4f}")
     print("\n(VOC AP50 row: AP50 column is the VOC all-point mAP, a different protocol from COCO AP50.)")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from predict_support import child_env, original_sample_dir, synthetic_data, trained_model_dir
+from predict_support import child_env, original_sample_dir, synthetic_data
 
 from distdet.data.images import load_rgb
 from distdet.export import export_model, exportable_copy, load_verify_images, verify_export
@@ -28,16 +28,6 @@ FORMATS = [
         __import__("importlib").util.find_spec("onnxruntime") is None,
         reason="onnxruntime is not installed (optional extra distdet[onnx])")),
 ]
-
-
-@pytest.fixture(scope="session")
-def shared(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "predict-shared"
-
-
-@pytest.fixture(scope="session")
-def model_dir(shared) -> Path:
-    return trained_model_dir(shared)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from predict_support import child_env, original_sample_dir, synthetic_data, trained_model_dir
+from predict_support import child_env, original_sample_dir, synthetic_data
 
 from distdet.classes import CLASS_COLOURS, CLASS_NAMES
 from distdet.data.images import load_rgb
@@ -20,16 +20,6 @@ from distdet.data.voc import parse_voc_annotation
 #: Low enough that the briefly trained model reports detections.
 THRESHOLD = 0.05
 IMAGE_KEYS = {"file", "width", "height", "detections", "rendered"}
-
-
-@pytest.fixture(scope="session")
-def shared(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "predict-shared"
-
-
-@pytest.fixture(scope="session")
-def model_dir(shared) -> Path:
-    return trained_model_dir(shared)
 
 
 @pytest.fixture(scope="session")
