@@ -33,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen subcommand; return its exit status."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    status = int(args.func(args) or 0)
+    if status == 0:  # multi-process evaluate/predict end with a collective: every rank is here
+        from distdet.training.distributed import leave_process_group
+
+        leave_process_group()
+    return status
 
 
 if __name__ == "__main__":

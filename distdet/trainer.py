@@ -59,7 +59,7 @@ from distdet.training.checkpoints import (
 )
 from distdet.training.config import TrainConfig, parse_config
 from distdet.training.data_setup import SPLIT_NAME, TrainingData, prepare_data
-from distdet.training.distributed import LaunchError, agree_any, build_accelerator
+from distdet.training.distributed import LaunchError, agree_any, build_accelerator, leave_process_group
 from distdet.training.optim import build_optimizer, build_scheduler, effective_lr, resolve_warmup_steps
 from distdet.training.run_logging import Progress, RunLog, configure_logging
 from distdet.training.sampling import EpochBatchSampler, SeededSampleDataset, aspect_ratio_groups
@@ -78,7 +78,10 @@ class TrainingError(RuntimeError):
 
 def main(argv: list[str] | None = None) -> int:
     """``train.py`` / ``distdet train``: parse flags (and ``--config``), train, return the exit status."""
-    return run_training(parse_config(argv))
+    status = run_training(parse_config(argv))
+    if status in (EXIT_OK, EXIT_INTERRUPTED):  # every rank got here through a final barrier
+        leave_process_group()
+    return status
 
 
 def run_training(cfg: TrainConfig) -> int:

@@ -89,3 +89,14 @@ def agree_any(accelerator: Accelerator, flags: list[bool]) -> list[bool]:
     tensor = torch.tensor([1.0 if f else 0.0 for f in flags], device=accelerator.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return [bool(v) for v in tensor.tolist()]
+
+
+def leave_process_group() -> None:
+    """Tear the process group down after a final barrier; every rank must call it.
+
+    A rank that simply exits can abort (SIGABRT, "terminate called without an active
+    exception") when rank 0, which hosts the rendezvous store, has already gone: seen under
+    Slurm requeues. Leaving the group explicitly makes a finished job exit 0 on every rank.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

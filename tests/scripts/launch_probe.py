@@ -81,6 +81,8 @@ def main() -> int:
     if args.wait_for_usr1 and restart == 0 and rank == 0 and got_signal:
         subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True)
     accelerator.wait_for_everyone()
+    if dist.is_initialized():
+        dist.destroy_process_group()  # as the trainer does: no rank outlives the store it talks to
     return 0 if (not args.wait_for_usr1 or restart > 0 or got_signal) else 1
 
 
