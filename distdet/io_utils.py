@@ -35,6 +35,14 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
 
 
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse the JSON file ``path``; raise ValueError naming ``what`` and the file if it cannot."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc}") from exc
+
+
 def fsync_dir(directory: str | Path) -> None:
     """Flush a folder's entries (a rename) to disk where the platform allows it."""
     try:

@@ -10,7 +10,6 @@ weights choices; ``info`` is free-form (training summary, metrics, versions).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distdet.io_utils import atomic_write, atomic_write_json
+from distdet.io_utils import atomic_write, atomic_write_json, read_json
 from distdet.models import build_model
 from distdet.weights import load_state_dict_file
 
@@ -41,10 +40,7 @@ class ModelCard:
 
     @classmethod
     def from_file(cls, path: Path) -> "ModelCard":
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read model card {path}: {exc}") from exc
+        data = read_json(path, "model card")
         if not isinstance(data, dict) or data.get("format") != CARD_FORMAT:
             raise ValueError(f"model card {path} is not a distdet model card (format {CARD_FORMAT})")
         missing = [key for key in ("model", "class_names") if key not in data]

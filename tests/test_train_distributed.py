@@ -171,17 +171,22 @@ def test_sigterm_to_launcher_checkpoints_on_every_rank(data_dir, tmp_path):
     assert json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())["global_step"] == notes[-1]["global_step"]
 
 
+def _signal_rank1_and_wait(proc: subprocess.Popen, out: Path, signum: int, timeout: float) -> tuple[str, float]:
+    """Once training runs, send ``signum`` to rank 1; return the job's output and seconds until it ended."""
+    try:
+        pids = _wait_until_training(proc, out)
+        os.kill(pids[1], signum)
+        start = time.monotonic()
+        output, _ = proc.communicate(timeout=timeout)
+        return output, time.monotonic() - start
+    finally:
+        _stop(proc)
+
+
 def test_killed_rank_ends_the_job_quickly_and_is_named(data_dir, tmp_path):
     out = tmp_path / "run"
     proc = _start_long_run(data_dir, out)
-    try:
-        pids = _wait_until_training(proc, out)
-        os.kill(pids[1], signal.SIGKILL)
-        start = time.monotonic()
-        output, _ = proc.communicate(timeout=120)
-        elapsed = time.monotonic() - start
-    finally:
-        _stop(proc)
+    output, elapsed = _signal_rank1_and_wait(proc, out, signal.SIGKILL, timeout=120)
     assert proc.returncode != 0
     assert elapsed < 60, f"the job took {elapsed:.0f}s to end after a rank died"
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", output), output[-4000:]
@@ -196,14 +201,7 @@ def test_hung_rank_times_out_within_dist_timeout(data_dir, tmp_path):
                                             "--epochs", "100", "--dist-timeout", "10"]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
                             start_new_session=True)
-    try:
-        pids = _wait_until_training(proc, out)
-        os.kill(pids[1], signal.SIGSTOP)
-        start = time.monotonic()
-        output, _ = proc.communicate(timeout=150)
-        elapsed = time.monotonic() - start
-    finally:
-        _stop(proc)
+    output, elapsed = _signal_rank1_and_wait(proc, out, signal.SIGSTOP, timeout=150)
     assert proc.returncode != 0
     # 10 s collective timeout on rank 0, then the launcher's 30 s grace before it kills the stopped rank
     assert elapsed < 60, f"the job took {elapsed:.0f}s to end after a rank hung"

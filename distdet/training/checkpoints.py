@@ -10,7 +10,6 @@ holds the marker.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -21,7 +20,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from distdet.io_utils import atomic_write_json, fsync_dir
+from distdet.io_utils import atomic_write_json, fsync_dir, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +54,7 @@ class TrainerState:
 
     @classmethod
     def from_file(cls, path: Path) -> "TrainerState":
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read trainer state {path}: {exc}") from exc
+        data = read_json(path, "trainer state")
         known = {f.name for f in fields(cls)}
         missing = known - set(data)
         if missing:
