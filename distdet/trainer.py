@@ -63,7 +63,13 @@ from distdet.training.distributed import LaunchError, agree_any, build_accelerat
 from distdet.training.optim import build_optimizer, build_scheduler, effective_lr, resolve_warmup_steps
 from distdet.training.run_logging import Progress, RunLog, configure_logging
 from distdet.training.sampling import EpochBatchSampler, SeededSampleDataset, aspect_ratio_groups
-from distdet.training.signals import EXIT_INTERRUPTED, StopRequest, requeue_slurm_job, slurm_job_id
+from distdet.training.signals import (
+    EXIT_INTERRUPTED,
+    StopRequest,
+    ignore_stop_signals_in_worker,
+    requeue_slurm_job,
+    slurm_job_id,
+)
 
 logger = logging.getLogger("distdet.trainer")
 
@@ -153,6 +159,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     sampler = EpochBatchSampler(len(train_set), cfg.batch_size, world, rank, cfg.seed, group_ids=group_ids)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_detection,
                         pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.workers > 0,
+                        worker_init_fn=ignore_stop_signals_in_worker,  # a stop signal is the main process's
                         # its own generator: starting an epoch's iterator must not draw from the global
                         # RNG, or a resumed run's random stream would shift (samples are seeded anyway)
                         generator=torch.Generator().manual_seed(cfg.seed))

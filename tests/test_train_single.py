@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -192,15 +193,24 @@ def test_crash_mid_save_leaves_previous_checkpoint_latest(data_dir, tmp_path):
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp_")]  # cleaned by the next save
 
 
-def test_sigterm_single_process_checkpoints_and_exits_75(data_dir, tmp_path):
+@pytest.mark.parametrize("workers, whole_group", [(0, False), (2, True)], ids=["main-process", "group-with-workers"])
+def test_sigterm_single_process_checkpoints_and_exits_75(data_dir, tmp_path, workers, whole_group):
+    """SIGTERM to the trainer alone, or to its whole process group as Slurm and ``kill -- -PGID``
+    do, DataLoader workers included: either way a checkpoint, then exit 75."""
     out = tmp_path / "run"
     proc = subprocess.Popen(train_command([*FAST, "--data-dir", str(data_dir), "--output-dir", str(out),
-                                           "--epochs", "50"]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env())
+                                           "--epochs", "50", "--workers", str(workers)]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(),
+                            start_new_session=True)
     metrics = out / "metrics.jsonl"
     wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, timeout=300,
              what="two logged steps")
-    proc.send_signal(signal.SIGTERM)
+    if whole_group:
+        group = [pid for pid in _process_group(proc.pid) if pid != proc.pid]
+        assert len(group) >= workers, f"expected {workers} DataLoader workers in the group, found {group}"
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
     notes = json.loads((out / "interruptions.json").read_text())
@@ -208,6 +218,19 @@ def test_sigterm_single_process_checkpoints_and_exits_75(data_dir, tmp_path):
     state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
     assert state["global_step"] == notes[-1]["global_step"] >= 2
     assert "resume with --resume auto" in err
+
+
+def _process_group(pgid: int) -> list[int]:
+    """Pids of the live processes in process group ``pgid`` (from /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended meanwhile
+        if int(fields[2]) == pgid:
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 WORLD_SIZE_GUARD = textwrap.dedent("""

@@ -34,6 +34,7 @@ from distdet.eval.inputs import Prediction
 from distdet.eval.metrics import compute_metrics
 from distdet.eval.outputs import DEFAULT_NUM_RENDERED, write_evaluation_outputs
 from distdet.models import set_eval_thresholds
+from distdet.training.signals import ignore_stop_signals_in_worker
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def predict_dataset(model: nn.Module, dataset: Dataset, accelerator: Accelerator
     """
     num_items = len(dataset)
     mine = shard_batches(num_items, batch_size, accelerator.num_processes, accelerator.process_index)
-    loader = DataLoader(dataset, batch_sampler=mine, num_workers=num_workers, collate_fn=collate_detection)
+    loader = DataLoader(dataset, batch_sampler=mine, num_workers=num_workers, collate_fn=collate_detection,
+                        worker_init_fn=ignore_stop_signals_in_worker)
     net = accelerator.unwrap_model(model).to(accelerator.device)
     was_training = net.training
     net.eval()

@@ -4,6 +4,12 @@ Slurm sends SIGUSR1 before a job's time limit (``--signal=USR1@SECONDS``) and SI
 preempts a job; torchrun/accelerate launch forward SIGTERM to every rank. The handler only sets
 a flag: the training loop checks it at each step boundary, all ranks agree (an all-reduce)
 to stop at the same step, save a complete checkpoint and exit with :data:`EXIT_INTERRUPTED`.
+
+Schedulers often signal the whole process group (Slurm at the time limit, ``scancel``,
+``kill -- -PGID``), DataLoader workers included. PyTorch's workers die on a SIGTERM that does
+not come from their parent, and the main process then fails on "DataLoader worker ... killed"
+before it can checkpoint; :func:`ignore_stop_signals_in_worker` (a ``worker_init_fn``) leaves
+both signals to the main process, which shuts its workers down itself.
 """
 from __future__ import annotations
 
@@ -44,6 +50,16 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
+
+
+def ignore_stop_signals_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGUSR1/SIGTERM (see the module docstring).
+
+    A worker still exits when its loader is shut down, and on its own when the main process
+    is gone (PyTorch's worker watchdog); SIGKILL still ends it.
+    """
+    for sig in HANDLED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def slurm_job_id() -> str | None:
