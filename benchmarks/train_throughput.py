@@ -7,7 +7,10 @@ Rows, side by side in one run (same model, data, batch size and optimizer):
 - ``distdet``: ``train.py`` on 1 process;
 - ``distdet 2proc``: ``accelerate launch`` with 2 processes (gloo);
 - the bare loop and ``distdet`` once more with the other thread count, so that
-  "1 process x 2 threads" and "2 processes x 1 thread" use the same cores.
+  "1 process x 2 threads" and "2 processes x 1 thread" use the same cores;
+- ``distdet-malloc``: ``distdet`` with glibc's allocator told to keep freed memory
+  (:data:`MALLOC_TUNING`: no trimming, a fixed 32 MiB mmap threshold, 1 GiB top pad), so the
+  large activation buffers of each step are reused instead of unmapped and faulted in again.
 
 Each row runs in its own process(es). Throughput is images per second over the steps after
 ``--warmup`` (global, all processes); data wait is the share of step time spent waiting for the
@@ -17,6 +20,8 @@ throughput is reported, to damp the noise of a shared machine (its load average 
 
     PYTHONPATH=. python benchmarks/train_throughput.py            # defaults: a few minutes on 2 cores
     PYTHONPATH=. python benchmarks/train_throughput.py --steps 40 --repeats 3 --min-size 240
+    PYTHONPATH=. python benchmarks/train_throughput.py --rows distdet,distdet-malloc \
+        --model fasterrcnn_lite0_fpn --min-size 448 --max-size 768 --data-dir ../shared/facemask --workers 1
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="VOC folder (default: the synthetic default dataset)")
     p.add_argument("--rows", default="bare,distdet,distdet-2proc",
                    help="comma-separated rows: bare, distdet (1 process x 2 threads), bare-1t, distdet-1t "
-                        "(1 x 1), distdet-2proc (2 processes x 1 thread)")
+                        "(1 x 1), distdet-2proc (2 processes x 1 thread), distdet-malloc (1 x 2, tuned malloc)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run the bare loop
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -147,15 +152,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _env(threads: int) -> dict[str, str]:
+#: glibc malloc settings of the ``distdet-malloc`` row (read by glibc at process start).
+MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184",
+                 "MALLOC_TOP_PAD_": "1073741824"}
+
+
+def _env(threads: int, extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["OMP_NUM_THREADS"] = str(threads)
+    env.update(extra)
     return env
 
 
-def _run(cmd: list[str], threads: int, marker: str) -> tuple[list[float], str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(threads))
+def _run(cmd: list[str], env: dict[str, str], marker: str) -> tuple[list[float], str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     monitor = PeakRss(proc.pid, marker)
     output, _ = proc.communicate()
     peaks = monitor.stop()
@@ -164,17 +175,18 @@ def _run(cmd: list[str], threads: int, marker: str) -> tuple[list[float], str]:
     return peaks, output
 
 
-def run_bare(args: argparse.Namespace, threads: int, tmp: Path) -> dict:
+def run_bare(args: argparse.Namespace, threads: int, tmp: Path, extra_env: dict[str, str]) -> dict:
     out = tmp / f"bare_{threads}.json"
     cmd = [sys.executable, __file__, "--worker", "bare", "--out", str(out), "--data-dir", args.data_dir,
            "--model", args.model, "--min-size", str(args.min_size), "--max-size", str(args.max_size),
            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--box-batch-size-per-image", str(args.box_batch_size_per_image)]
-    peaks, _ = _run(cmd, threads, "train_throughput.py")
+    peaks, _ = _run(cmd, _env(threads, extra_env), "train_throughput.py")
     return {**json.loads(out.read_text()), "peak_rss_mib": peaks}
 
 
-def run_distdet(args: argparse.Namespace, threads: int, processes: int, tmp: Path, tag: str) -> dict:
+def run_distdet(args: argparse.Namespace, threads: int, processes: int, tmp: Path, tag: str,
+                extra_env: dict[str, str]) -> dict:
     run_dir = tmp / f"distdet_{tag}"
     per_rank_steps = args.warmup + args.steps
     train = [str(REPO / "train.py"), "--data-dir", args.data_dir, "--split", "stratified", "--test-fraction", "0.05",
@@ -189,7 +201,7 @@ def run_distdet(args: argparse.Namespace, threads: int, processes: int, tmp: Pat
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml"), "--num_processes", str(processes),
                "--main_process_port", str(_free_port()), *train]
-    peaks, _ = _run(cmd, threads, "train.py")
+    peaks, _ = _run(cmd, _env(threads, extra_env), "train.py")
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if r["kind"] == "train" and r["step"] > args.warmup]
     # every window is one step here: time = images / (images/s)
@@ -199,12 +211,13 @@ def run_distdet(args: argparse.Namespace, threads: int, processes: int, tmp: Pat
     return {"images_per_s": images / seconds, "data_wait_frac": data / seconds, "peak_rss_mib": peaks}
 
 
-ROWS = {  # name: (processes, torch threads per process, runner)
-    "bare": (1, 2, run_bare),
-    "distdet": (1, 2, None),
-    "bare-1t": (1, 1, run_bare),
-    "distdet-1t": (1, 1, None),
-    "distdet-2proc": (2, 1, None),
+ROWS = {  # name: (processes, torch threads per process, runner, extra environment)
+    "bare": (1, 2, run_bare, {}),
+    "distdet": (1, 2, None, {}),
+    "bare-1t": (1, 1, run_bare, {}),
+    "distdet-1t": (1, 1, None, {}),
+    "distdet-2proc": (2, 1, None, {}),
+    "distdet-malloc": (1, 2, None, MALLOC_TUNING),
 }
 
 
@@ -227,9 +240,10 @@ def main(argv=None) -> int:
         tmp = Path(tmp_name)
         for repeat in range(args.repeats):
             for row in rows:
-                procs, threads, fn = ROWS[row]
+                procs, threads, fn, extra_env = ROWS[row]
                 tag = f"{row}_{repeat}"
-                result = fn(args, threads, tmp) if fn else run_distdet(args, threads, procs, tmp, tag)
+                result = (fn(args, threads, tmp, extra_env) if fn
+                          else run_distdet(args, threads, procs, tmp, tag, extra_env))
                 results[row].append(result)
                 print(f"[{repeat + 1}/{args.repeats}] {row:14s} {result['images_per_s']:6.2f} img/s  "
                       f"data wait {100 * result['data_wait_frac']:4.1f}%  peak RSS {result['peak_rss_mib']}", flush=True)
@@ -240,7 +254,7 @@ def main(argv=None) -> int:
           f"after {os.getloadavg()[0]:.2f}")
     print(f"{'row':15s} {'procs x threads':>15s} {'img/s':>7s} {'data wait':>9s} {'peak RSS/process (MiB)':>24s}")
     for row, r in best.items():
-        procs, threads, _ = ROWS[row]
+        procs, threads, _, _ = ROWS[row]
         print(f"{row:15s} {f'{procs} x {threads}':>15s} {r['images_per_s']:7.2f} {100 * r['data_wait_frac']:8.1f}% "
               f"{', '.join(f'{m:.0f}' for m in r['peak_rss_mib']):>24s}")
     summary = {}
@@ -250,6 +264,9 @@ def main(argv=None) -> int:
     if "distdet-2proc" in best and "distdet" in best:
         summary["distdet-2proc (2 x 1t) / distdet (1 x 2t)"] = (best["distdet-2proc"]["images_per_s"]
                                                               / best["distdet"]["images_per_s"])
+    if "distdet-malloc" in best and "distdet" in best:
+        summary["distdet-malloc / distdet (tuned glibc malloc)"] = (best["distdet-malloc"]["images_per_s"]
+                                                                    / best["distdet"]["images_per_s"])
     for name, ratio in summary.items():
         print(f"{name}: {ratio:.3f}")
     if args.json:
