@@ -235,15 +235,20 @@ def _process_group(pgid: int) -> list[int]:
 
 WORLD_SIZE_GUARD = textwrap.dedent("""
     import os
+    import sys
     from accelerate import Accelerator
     from distdet.training.distributed import LaunchError, check_launch
     # without cpu=True on a machine without CUDA, Accelerate sees ONE process under torchrun
     accelerator = Accelerator(cpu=False)
     try:
         check_launch(accelerator)
-        print("rank", os.environ["RANK"], "ACCEPTED", accelerator.num_processes, flush=True)
+        line = f"rank {os.environ['RANK']} ACCEPTED {accelerator.num_processes}"
     except LaunchError as exc:
-        print("rank", os.environ["RANK"], "REFUSED", exc, flush=True)
+        line = f"rank {os.environ['RANK']} REFUSED {exc}"
+    # one write per line: both ranks share the pipe, and print() writes its pieces separately
+    # when output is unbuffered, so the lines could interleave mid-line
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
 """)
 
 
