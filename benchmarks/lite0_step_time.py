@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distdet.backbones.lite0 import fasterrcnn_lite0_fpn
+from distdet.modeling.backbones.lite0 import fasterrcnn_lite0_fpn
 from distdet.classes import label_of
 
 STEMS = ("maksssksksss0", "maksssksksss230")

@@ -69,7 +69,7 @@ def bare_loop(args: argparse.Namespace) -> None:
 
     from distdet.classes import CLASS_NAMES
     from distdet.data import DetectionDataset, build_index, collate_detection, get_transforms
-    from distdet.models import build_model
+    from distdet.modeling.models import build_model
 
     torch.manual_seed(0)
     records = build_index(args.data_dir).records

@@ -1,6 +1,6 @@
 """distdet: distributed Faster R-CNN fine-tuning on PASCAL VOC face-mask data.
 
-``distdet.load_detector(path)`` (see :mod:`distdet.predictor`) is imported on first use, so
+``distdet.load_detector(path)`` (see :mod:`distdet.inference.predictor`) is imported on first use, so
 that ``import distdet`` stays light (no torch).
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY = {"load_detector": "distdet.predictor", "Detector": "distdet.predictor"}
+_LAZY = {"load_detector": "distdet.inference.predictor", "Detector": "distdet.inference.predictor"}
 
 
 def __getattr__(name: str) -> Any:

@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     status = int(args.func(args) or 0)
     if status == 0:  # multi-process evaluate/predict end with a collective: every rank is here
-        from distdet.training.distributed import leave_process_group
+        from distdet.runtime.accelerator import leave_process_group
 
         leave_process_group()
     return status

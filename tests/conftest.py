@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from predict_support import trained_model_dir
+from support.predict import trained_model_dir
 
 
 @pytest.fixture(scope="session")

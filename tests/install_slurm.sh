@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages for the real single-node Slurm the launcher tests start
-# (tests/slurm_cluster.py). Needs root and apt; exits 0 with a message when it cannot install,
+# (tests/support/slurm_cluster.py). Needs root and apt; exits 0 with a message when it cannot install,
 # so that CI goes on and the Slurm tests skip saying why.
 set -u
 packages=(slurmctld slurmd slurm-client)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datautil import copy_sample, edit_xml, image_path, needs_originals, xml_path
+from support.data import copy_sample, edit_xml, image_path, needs_originals, xml_path
 from distdet.data import DataError, DetectionDataset, ProblemKind, build_index, load_rgb, read_image_size
 from distdet.data.check import check_data
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from datautil import FACEMASK, copy_sample, edit_xml, image_path, needs_facemask, needs_originals, xml_path
+from support.data import FACEMASK, copy_sample, edit_xml, image_path, needs_facemask, needs_originals, xml_path
 from distdet.commands import check_data
 
 REPO = Path(__file__).resolve().parents[1]

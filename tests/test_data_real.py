@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datautil import FACEMASK, ORIGINALS, needs_facemask, needs_originals
+from support.data import FACEMASK, ORIGINALS, needs_facemask, needs_originals
 from distdet.classes import CLASS_NAMES
 from distdet.data import DetectionDataset, build_index, collate_detection, load_rgb
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from datautil import FACEMASK, needs_facemask
+from support.data import FACEMASK, needs_facemask
 from distdet.data import DataError, build_index, load_manifest, make_split, save_manifest, select_records
 from distdet.data.splits import Split, stratified_split, tutorial_split
 

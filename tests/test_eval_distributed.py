@@ -18,17 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from evalm_support import REPO_ROOT
+from support.evalm import REPO_ROOT
 
 from distdet.classes import CLASS_NAMES
 from distdet.commands import evaluate as evaluate_command
 from distdet.data.synthetic import make_synthetic_dataset
-from distdet.model_card import ModelCard, save_detector
-from distdet.models import build_model
+from distdet.modeling.model_card import ModelCard, save_detector
+from distdet.modeling.models import build_model
 
 MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 BUILD = {"min_size": 128, "max_size": 176}
-CHILD = REPO_ROOT / "tests" / "evalm_evaluate_child.py"
+CHILD = REPO_ROOT / "tests" / "support" / "evaluate_child.py"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 OUTPUT_FILES = ("metrics.json", "predictions.json", "ground_truth.json")
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from evalm_support import REPO_ROOT
+from support.evalm import REPO_ROOT
 
 from distdet.classes import CLASS_NAMES
 from distdet.data import DetectionDataset, build_index
 from distdet.data.synthetic import make_synthetic_dataset
 from distdet.eval import compute_metrics, evaluate_model, predict_dataset
 from distdet.eval.evaluator import shard_batches
-from distdet.models import build_model
+from distdet.modeling.models import build_model
 
 MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
@@ -79,7 +79,7 @@ BF16_CHILD = textwrap.dedent("""
     from accelerate import Accelerator
     from distdet.data import DetectionDataset, build_index
     from distdet.eval import predict_dataset
-    from distdet.models import build_model
+    from distdet.modeling.models import build_model
     torch.manual_seed(0)
     model = build_model("%s", 3, min_size=128, max_size=160)
     dataset = DetectionDataset(build_index(sys.argv[1]).records[:2])

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from evalm_support import facemask_dir, pred, random_detections, record, synthetic_records
+from support.evalm import facemask_dir, pred, random_detections, record, synthetic_records
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 

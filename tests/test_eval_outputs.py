@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from evalm_support import REPO_ROOT, random_detections
+from support.evalm import REPO_ROOT, random_detections
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -189,8 +189,8 @@ def test_evaluate_reports_missing_checkpoint(dataset, tmp_path, capsys):
 def test_checkpoint_defaults_to_the_data_and_split_it_was_trained_on(dataset, tmp_path, capsys):
     """A run folder evaluated without --data-dir uses the data and split recorded in its card."""
     from distdet.data import save_manifest, stratified_split
-    from distdet.model_card import ModelCard, save_detector
-    from distdet.models import build_model
+    from distdet.modeling.model_card import ModelCard, save_detector
+    from distdet.modeling.models import build_model
 
     root, records = dataset
     split = stratified_split(records, test_fraction=0.3, seed=3)

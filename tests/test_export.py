@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from predict_support import child_env, original_sample_dir, synthetic_data
+from support.predict import child_env, original_sample_dir, synthetic_data
 
 from distdet.data.images import load_rgb
-from distdet.export import export_model, exportable_copy, load_verify_images, verify_export
-from distdet.model_card import load_detector_model
-from distdet.predictor import image_to_tensor
+from distdet.inference.export import export_model, exportable_copy, load_verify_images, verify_export
+from distdet.modeling.model_card import load_detector_model
+from distdet.inference.predictor import image_to_tensor
 
 #: Largest coordinate difference accepted between PyTorch and exported boxes (pixels).
 BOX_TOL = 0.05

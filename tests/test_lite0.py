@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from distdet.backbones import lite0
-from distdet.backbones.lite0 import (
+from distdet.modeling.backbones import lite0
+from distdet.modeling.backbones.lite0 import (
     IMAGE_MEAN,
     IMAGE_STD,
     NUM_CHECKPOINT_TENSORS,
@@ -235,8 +235,8 @@ def test_detector_training_step_is_finite_and_leaves_frozen_parts_unchanged() ->
 @needs_lite
 def test_registry_builds_lite0_and_rebuilds_it_from_a_card(tmp_path):
     """build_model's lite0 entry uses the shipped ImageNet weights; the card rebuild needs none."""
-    from distdet.model_card import ModelCard, load_detector_model, save_detector
-    from distdet.models import build_model, uses_frozen_batchnorm
+    from distdet.modeling.model_card import ModelCard, load_detector_model, save_detector
+    from distdet.modeling.models import build_model, uses_frozen_batchnorm
 
     model = build_model("fasterrcnn_lite0_fpn", 3, backbone_weights="imagenet", min_size=128, max_size=160)
     assert uses_frozen_batchnorm(model)

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from distdet.classes import CLASS_NAMES
-from distdet.model_card import ModelCard, load_detector_model, save_detector
-from distdet.models import (
+from distdet.modeling.model_card import ModelCard, load_detector_model, save_detector
+from distdet.modeling.models import (
     MODEL_NAMES,
     TORCHVISION_MODELS,
     build_model,
     set_eval_thresholds,
     uses_frozen_batchnorm,
 )
-from distdet.weights import WeightsUnavailableError, cached_weights_path
+from distdet.modeling.weights import WeightsUnavailableError, cached_weights_path
 
 SMALL = dict(min_size=96, max_size=128)
 

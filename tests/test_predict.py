@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from predict_support import child_env, original_sample_dir, synthetic_data
+from support.predict import child_env, original_sample_dir, synthetic_data
 
 from distdet.classes import CLASS_COLOURS, CLASS_NAMES
 from distdet.data.images import load_rgb

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from predict_support import child_env, synthetic_data
+from support.predict import child_env, synthetic_data
 
 from distdet.data import build_index, make_split, save_manifest
-from distdet.report import metric_panels, parse_metrics_lines, write_training_plots
+from distdet.training.report import metric_panels, parse_metrics_lines, write_training_plots
 
 LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 

@@ -1,6 +1,6 @@
 """Slurm launch: node-list parsing, the per-node `accelerate launch` command (dry run of the real
 multi-node sbatch script with a 2-node job's environment), and jobs on a real one-node Slurm
-cluster (tests/slurm_cluster.py) running the real sbatch scripts with 2 CPU processes."""
+cluster (tests/support/slurm_cluster.py) running the real sbatch scripts with 2 CPU processes."""
 from __future__ import annotations
 
 import json
@@ -24,11 +24,11 @@ from distdet.launch.slurm import (
     port_for_job,
     route_interface,
 )
-from slurm_cluster import SlurmCluster, slurm_cluster, slurm_cluster_2nodes  # noqa: F401  (fixtures)
+from support.slurm_cluster import SlurmCluster, slurm_cluster, slurm_cluster_2nodes  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH_DIR = REPO / "launch" / "slurm"
-PROBE = REPO / "tests" / "scripts" / "launch_probe.py"
+PROBE = REPO / "tests" / "support" / "launch_probe.py"
 
 # What Slurm sets for a job on two nodes with 4 GPUs each (job 734512).
 TWO_NODE_ENV = {

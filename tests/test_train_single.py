@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distdet.model_card import load_detector_model
+from distdet.modeling.model_card import load_detector_model
 from distdet.training.checkpoints import latest_checkpoint
 from distdet.training.config import TrainConfig, flag_name, parse_config
-from trainer_support import (
+from support.trainer import (
     FAST, assert_same_weights, check_ok, child_env, free_port, load_weights, make_tiny_dataset, read_jsonl, run,
     train_command, wait_for,
 )
@@ -237,7 +237,7 @@ WORLD_SIZE_GUARD = textwrap.dedent("""
     import os
     import sys
     from accelerate import Accelerator
-    from distdet.training.distributed import LaunchError, check_launch
+    from distdet.runtime.accelerator import LaunchError, check_launch
     # without cpu=True on a machine without CUDA, Accelerate sees ONE process under torchrun
     accelerator = Accelerator(cpu=False)
     try:

@@ -153,7 +153,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     from distdet.data import DetectionDataset
     from distdet.eval import evaluate_model, format_metrics_table
     from distdet.eval.evaluator import EVAL_DETECTIONS_PER_IMG, EVAL_SCORE_THRESH
-    from distdet.model_card import load_detector_model
+    from distdet.modeling.model_card import load_detector_model
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
     model, card = load_detector_model(args.checkpoint, device=accelerator.device)

@@ -42,9 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distdet.export import ExportError, export_model, load_verify_images, synthetic_verify_images, verify_export
-    from distdet.model_card import load_detector_model
-    from distdet.models import set_eval_thresholds
+    from distdet.inference.export import ExportError, export_model, load_verify_images, synthetic_verify_images, verify_export
+    from distdet.modeling.model_card import load_detector_model
+    from distdet.modeling.models import set_eval_thresholds
 
     if args.image_size is not None and min(args.image_size) < 32:
         print(f"distdet export: error: --image-size {args.image_size} is too small (at least 32 px)", file=sys.stderr)

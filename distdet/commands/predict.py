@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-#: The ``--mixed-precision`` choices (:data:`distdet.predictor.PRECISIONS`), kept here so that
+#: The ``--mixed-precision`` choices (:data:`distdet.inference.predictor.PRECISIONS`), kept here so that
 #: building the parser does not import torch.
 PRECISION_CHOICES = ("no", "fp16", "bf16")
 
@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from accelerate import Accelerator
 
-    from distdet.predict_run import expand_inputs, predict_files, rank_batches
-    from distdet.predictor import load_detector
+    from distdet.inference.batch_predict import expand_inputs, predict_files, rank_batches
+    from distdet.inference.predictor import load_detector
 
     if args.annotations is not None and not args.annotations.is_dir():
         print(f"distdet predict: error: --annotations {args.annotations} is not a folder", file=sys.stderr)

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distdet.report import write_training_plots
+    from distdet.training.report import write_training_plots
 
     try:
         paths = write_training_plots(args.run_dir, args.out)

@@ -1,4 +1,4 @@
-"""``distdet train``: the same trainer as ``train.py`` (see :mod:`distdet.trainer`)."""
+"""``distdet train``: the same trainer as ``train.py`` (see :mod:`distdet.training.trainer`)."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distdet.trainer import run_training
+    from distdet.training.trainer import run_training
 
     try:
         cfg = config_from_namespace(args, None)

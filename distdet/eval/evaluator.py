@@ -33,8 +33,8 @@ from distdet.data.dataset import collate_detection
 from distdet.eval.inputs import Prediction
 from distdet.eval.metrics import compute_metrics
 from distdet.eval.outputs import DEFAULT_NUM_RENDERED, write_evaluation_outputs
-from distdet.models import set_eval_thresholds
-from distdet.training.signals import ignore_stop_signals_in_worker
+from distdet.modeling.models import set_eval_thresholds
+from distdet.runtime.signals import ignore_stop_signals_in_worker
 
 logger = logging.getLogger(__name__)
 

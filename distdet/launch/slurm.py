@@ -55,8 +55,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-#: ``launch/accelerate`` of the checkout this module belongs to.
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "launch" / "accelerate"
+#: The Accelerate config files shipped inside the package (``launch/accelerate/`` of a checkout
+#: links to them), so an installed distdet launches without a checkout beside it.
+CONFIG_DIR = Path(__file__).resolve().parent / "accelerate"
 BASE_PORT = 29500
 PORT_SPREAD = 1000
 _SIOCGIFADDR = 0x8915

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from distdet.data.transforms import PRESETS
-from distdet.models import MODEL_NAMES
+from distdet.modeling.models import MODEL_NAMES
 
 SPLIT_KINDS = ("tutorial", "stratified")
 OPTIMIZERS = ("sgd", "adamw")

@@ -18,7 +18,7 @@ from torchvision.models.detection import faster_rcnn as tv_frcnn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from distdet.weights import ensure_available, load_state_dict_file
+from distdet.modeling.weights import ensure_available, load_state_dict_file
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _build_lite0(
     frozen_batchnorm: bool,
     head_kwargs: dict,
 ) -> nn.Module:
-    from distdet.backbones.lite0 import fasterrcnn_lite0_fpn  # optional extra: timm
+    from distdet.modeling.backbones.lite0 import fasterrcnn_lite0_fpn  # optional extra: timm
 
     if backbone_weights not in ("none", "imagenet"):
         raise ValueError("fasterrcnn_lite0_fpn takes --backbone-weights imagenet|none (from the installed package)")

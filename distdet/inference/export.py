@@ -20,7 +20,7 @@ Resizing. torchvision's transform computes the resize scale in double precision 
 mode but in float32 when scripted or traced, so an exported model often resizes an image
 to one pixel less than PyTorch does (on the real dataset at ``min_size=800``: 288 of 853
 images scripted, 12 traced; at 512: 314 and 217) and its detections then differ. The
-exports therefore use :class:`distdet.export_transform.ExactResizeTransform`, which computes the output size in
+exports therefore use :class:`distdet.inference.export_transform.ExactResizeTransform`, which computes the output size in
 double precision on every path, as eager PyTorch does.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distdet.export_transform import ExactResizeTransform
+from distdet.inference.export_transform import ExactResizeTransform
 
 from distdet.io_utils import atomic_write
 
@@ -228,6 +228,6 @@ def synthetic_verify_images(num_images: int = 3, seed: int = 1234) -> list[tuple
 def load_verify_images(paths: Sequence[str | Path]) -> list[tuple[str, torch.Tensor]]:
     """``(path, image)`` pairs read as training reads images; DataError names a bad file."""
     from distdet.data.images import load_rgb
-    from distdet.predictor import image_to_tensor
+    from distdet.inference.predictor import image_to_tensor
 
     return [(str(path), image_to_tensor(load_rgb(path))) for path in paths]

@@ -46,9 +46,9 @@ from distdet.classes import CLASS_NAMES
 from distdet.data import collate_detection
 from distdet.eval import evaluate_model, scalar_metrics
 from distdet.io_utils import atomic_write_json
-from distdet.model_card import ModelCard, save_detector
-from distdet.models import build_model, uses_frozen_batchnorm
-from distdet.report import write_training_plots
+from distdet.modeling.model_card import ModelCard, save_detector
+from distdet.modeling.models import build_model, uses_frozen_batchnorm
+from distdet.training.report import write_training_plots
 from distdet.training.checkpoints import (
     CHECKPOINTS_DIR,
     TrainerState,
@@ -59,11 +59,11 @@ from distdet.training.checkpoints import (
 )
 from distdet.training.config import TrainConfig, parse_config
 from distdet.training.data_setup import SPLIT_NAME, TrainingData, prepare_data
-from distdet.training.distributed import LaunchError, agree_any, build_accelerator, leave_process_group
+from distdet.runtime.accelerator import LaunchError, agree_any, build_accelerator, leave_process_group
 from distdet.training.optim import build_optimizer, build_scheduler, effective_lr, resolve_warmup_steps
 from distdet.training.run_logging import Progress, RunLog, configure_logging
 from distdet.training.sampling import EpochBatchSampler, SeededSampleDataset, aspect_ratio_groups
-from distdet.training.signals import (
+from distdet.runtime.signals import (
     EXIT_INTERRUPTED,
     StopRequest,
     ignore_stop_signals_in_worker,
@@ -71,7 +71,7 @@ from distdet.training.signals import (
     slurm_job_id,
 )
 
-logger = logging.getLogger("distdet.trainer")
+logger = logging.getLogger("distdet.training.trainer")
 
 EXIT_OK = 0
 EXIT_FAILED = 1

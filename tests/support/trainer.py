@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_PY = REPO / "train.py"
 CPU_2PROC = REPO / "launch" / "accelerate" / "cpu_2proc.yaml"
 

@@ -13,30 +13,16 @@ import torch
 from distdet.classes import CLASS_NAMES
 from distdet.data import DetectionDataset, build_index, collate_detection
 from distdet.data.synthetic import make_synthetic_dataset
-from distdet.model_card import ModelCard, save_detector
-from distdet.models import build_model
+from distdet.modeling.model_card import ModelCard, save_detector
+from distdet.modeling.models import build_model
+from support.data import original_sample_dir  # noqa: F401  (re-exported)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 #: Small images and a low score threshold, so that the barely trained model has detections.
 BUILD = dict(min_size=96, max_size=128, box_score_thresh=0.01, box_detections_per_img=20)
 IMAGE_SIZE = (128, 96)
 TRAIN_STEPS = 40
-
-
-def original_sample_dir() -> Path | None:
-    """The nine untouched dataset images (RGB, RGBA, 16-bit RGBA), when this machine has them:
-    ``$DISTDET_SAMPLE_DIR``, else ``facemask-original-sample`` beside ``$DISTDET_FACEMASK_DIR``
-    or in the ``shared`` folder beside the checkout (or beside its parent, for worktrees)."""
-    candidates = [os.environ.get("DISTDET_SAMPLE_DIR")]
-    if os.environ.get("DISTDET_FACEMASK_DIR"):
-        candidates.append(str(Path(os.environ["DISTDET_FACEMASK_DIR"]).parent / "facemask-original-sample"))
-    candidates += [str(REPO_ROOT.parent / "shared" / "facemask-original-sample"),
-                   str(REPO_ROOT.parents[1] / "shared" / "facemask-original-sample")]
-    for candidate in filter(None, candidates):
-        if (Path(candidate) / "images").is_dir():
-            return Path(candidate)
-    return None
 
 
 def child_env() -> dict[str, str]:

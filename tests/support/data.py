@@ -1,4 +1,4 @@
-"""Helpers shared by the dataset-layer tests: where the real data is, and tmp copies of it."""
+"""Where the real data is (the one place tests look for it), and tmp copies of it."""
 from __future__ import annotations
 
 import os
@@ -7,19 +7,29 @@ from pathlib import Path
 
 import pytest
 
-
-
 def _find_shared() -> Path:
     """The ``shared`` folder next to the checkout (or inside it, or next to any parent folder)."""
     for parent in Path(__file__).resolve().parents:
         if (parent / "shared" / "facemask-original-sample").is_dir() or (parent / "shared" / "facemask").is_dir():
             return parent / "shared"
-    return Path(__file__).resolve().parents[1].parent / "shared"
+    return Path(__file__).resolve().parents[2].parent / "shared"
 
 
 SHARED = _find_shared()
 FACEMASK = Path(os.environ.get("DISTDET_FACEMASK_DIR", SHARED / "facemask"))
-ORIGINALS = Path(os.environ.get("DISTDET_FACEMASK_ORIGINALS_DIR", SHARED / "facemask-original-sample"))
+ORIGINALS = Path(os.environ.get("DISTDET_FACEMASK_ORIGINALS_DIR") or os.environ.get("DISTDET_SAMPLE_DIR")
+                 or FACEMASK.parent / "facemask-original-sample")
+
+
+def facemask_dir() -> Path | None:
+    """The real dataset (``$DISTDET_FACEMASK_DIR``, else ``shared/facemask`` beside the checkout
+    or a folder above it), or None when this machine has no copy."""
+    return FACEMASK if (FACEMASK / "annotations").is_dir() else None
+
+
+def original_sample_dir() -> Path | None:
+    """The untouched original images (RGB, RGBA, 16-bit RGBA), or None when absent."""
+    return ORIGINALS if (ORIGINALS / "images").is_dir() else None
 
 needs_facemask = pytest.mark.skipif(not (FACEMASK / "annotations").is_dir(), reason=f"real dataset not at {FACEMASK}")
 needs_originals = pytest.mark.skipif(not (ORIGINALS / "annotations").is_dir(), reason=f"original sample not at {ORIGINALS}")

@@ -15,7 +15,7 @@ merged ``predictions.json``, identical for 1 or N processes.
      "failures": [{"file", "error"}, ...]}
 
 ``images`` follows the order of the expanded inputs; each entry is what
-:class:`distdet.predictor.Detector` returns for that path plus the rendered file's name.
+:class:`distdet.inference.predictor.Detector` returns for that path plus the rendered file's name.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from distdet.data.images import IMAGE_SUFFIXES, load_rgb
 from distdet.data.voc import parse_voc_annotation
 from distdet.io_utils import atomic_write, atomic_write_json
-from distdet.predictor import Detector
+from distdet.inference.predictor import Detector
 from distdet.render import add_legend, draw_detections, side_by_side
 
 PREDICTIONS_NAME = "predictions.json"

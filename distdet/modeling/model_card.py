@@ -5,7 +5,7 @@ A model folder holds ``model.pt`` (the detector's state dict) and ``model_card.j
     {"format": 1, "model": "fasterrcnn_resnet50_fpn", "class_names": [...],
      "build": {"min_size": 800, "max_size": 1333, ...}, "info": {...}}
 
-``build`` holds the keyword arguments of :func:`distdet.models.build_model` other than the
+``build`` holds the keyword arguments of :func:`distdet.modeling.models.build_model` other than the
 weights choices; ``info`` is free-form (training summary, metrics, versions).
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from distdet.io_utils import atomic_write, atomic_write_json, read_json
-from distdet.models import build_model
-from distdet.weights import load_state_dict_file
+from distdet.modeling.models import build_model
+from distdet.modeling.weights import load_state_dict_file
 
 CARD_NAME = "model_card.json"
 WEIGHTS_NAME = "model.pt"

@@ -8,13 +8,13 @@ exactly the daemons it started (by pid). Clients reach it through `cluster.env`
 
 The pytest fixture `slurm_cluster` (session scope) skips with a message naming the missing
 binaries or the failed start. Import it into a test module with
-`from slurm_cluster import slurm_cluster`. Starting the daemons needs root (SlurmUser=root,
+`from support.slurm_cluster import slurm_cluster`. Starting the daemons needs root (SlurmUser=root,
 AuthType=auth/none); `tests/install_slurm.sh` installs the Debian packages.
 
 `SlurmCluster(nodes=2)` (fixture `slurm_cluster_2nodes`) runs each slurmd in its own network
 namespace joined by a bridge, a real 2-node cluster on one machine.
 
-Run by hand: `python tests/slurm_cluster.py [NODES]` starts a cluster, prints the environment
+Run by hand: `python tests/support/slurm_cluster.py [NODES]` starts a cluster, prints the environment
 to use, and stops it on Ctrl-C.
 """
 from __future__ import annotations

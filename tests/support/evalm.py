@@ -1,23 +1,15 @@
 """Shared helpers of the evaluation tests: records by hand, real annotations, random detections."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from distdet.classes import CLASS_NAMES
 from distdet.data.records import ImageRecord
+from support.data import facemask_dir  # noqa: F401  (re-exported for the metric tests)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def facemask_dir() -> Path | None:
-    """The real dataset: $DISTDET_FACEMASK_DIR, else ``shared/facemask`` beside the checkout
-    (or beside a folder above it, for worktrees); None when there is no copy."""
-    env = os.environ.get("DISTDET_FACEMASK_DIR")
-    candidates = [Path(env)] if env else [p / "shared" / "facemask" for p in REPO_ROOT.parents]
-    return next((c for c in candidates if (c / "annotations").is_dir()), None)
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def record(stem: str, boxes, labels, difficult=None, width: int = 100, height: int = 100) -> ImageRecord:

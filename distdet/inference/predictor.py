@@ -24,8 +24,8 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from distdet.data.images import load_rgb
-from distdet.model_card import ModelCard, load_detector_model
-from distdet.models import set_eval_thresholds
+from distdet.modeling.model_card import ModelCard, load_detector_model
+from distdet.modeling.models import set_eval_thresholds
 
 ImageInput = Union[Image.Image, str, Path]
 
