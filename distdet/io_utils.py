@@ -1,18 +1,34 @@
 """Writing files so that a crash mid-write never leaves a half-written file behind."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
+class WriteFailed(OSError):
+    """A file could not be written; the message names it and the cause (disk full: the bytes free)."""
+
+
+def write_failure_cause(error: BaseException | None, free_during: int) -> str:
+    """What made a write fail. torch's disk-full error ("enforce fail at inline_container ...")
+    names neither the cause nor the file, so a disk left with under 1 MiB is taken as full."""
+    text = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else type(error).__name__
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or free_during < (1 << 20):
+        return f"No space left on device [{text}]"
+    return text
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, then rename.
 
-    Readers see either the old file or the complete new one, never a partial file.
+    Readers see either the old file or the complete new one, never a partial file. A failed
+    write raises :class:`WriteFailed` naming ``path``, the cause and the bytes free.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +40,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        cause = write_failure_cause(exc, shutil.disk_usage(path.parent).free)
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(f"cannot write {path}: {cause} ({shutil.disk_usage(path.parent).free} bytes free in "
+                          f"{path.parent})") from exc
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
@@ -39,7 +60,7 @@ def read_json(path: str | Path, what: str) -> Any:
     """Parse the JSON file ``path``; raise ValueError naming ``what`` and the file if it cannot."""
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read {what} {path}: {exc}") from exc
 
 

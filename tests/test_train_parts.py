@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from distdet.training.checkpoints import COMPLETE_MARKER, STATE_NAME, latest_checkpoint, resolve_resume
+from distdet.training.checkpoint_files import CheckpointError, write_marker
+from distdet.training.checkpoints import COMPLETE_MARKER, STATE_NAME, TrainerState, latest_checkpoint, resolve_resume
 from distdet.training.config import TrainConfig
 from distdet.training.optim import build_optimizer, effective_lr, lr_factor_fn, parameter_groups
 from distdet.training.sampling import EpochBatchSampler, SeededSampleDataset, aspect_ratio_groups
@@ -103,9 +104,10 @@ def test_no_decay_on_norm_and_bias():
 def _fake_checkpoint(run_dir, step, complete=True):
     folder = run_dir / "checkpoints" / f"step_{step:06d}"
     folder.mkdir(parents=True)
-    (folder / STATE_NAME).write_text(json.dumps({"global_step": step}))
+    (folder / STATE_NAME).write_text(json.dumps(TrainerState(global_step=step).to_json()))
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 8)
     if complete:
-        (folder / COMPLETE_MARKER).write_text("{}")
+        write_marker(folder, {"model": ["model.safetensors"], "trainer_state": [STATE_NAME]})
     return folder
 
 
@@ -122,3 +124,32 @@ def test_latest_ignores_temporary_and_unmarked_folders(tmp_path):
         resolve_resume(str(tmp_path / "checkpoints" / "step_000008"), None)
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         resolve_resume(str(tmp_path / "nowhere"), None)
+
+
+def test_resume_auto_falls_back_past_a_checkpoint_that_fails_its_checksums(tmp_path, caplog):
+    older, newer = _fake_checkpoint(tmp_path, 4), _fake_checkpoint(tmp_path, 8)
+    with open(newer / "model.safetensors", "r+b") as handle:  # same size, other bytes
+        handle.seek(700)
+        handle.write(b"garbage")
+    assert resolve_resume("auto", tmp_path) == (older, None)
+    assert "model.safetensors fails its SHA-256 check" in caplog.text and str(newer) in caplog.text
+    with pytest.raises(CheckpointError, match="step_000008: model.safetensors fails its SHA-256"):
+        resolve_resume(str(newer), None)
+    (older / "model.safetensors").write_bytes(b"short")  # truncated: no checkpoint verifies
+    with pytest.raises(CheckpointError, match=r"no checkpoint of .* verifies: .*model.safetensors has 5 bytes"):
+        resolve_resume("auto", tmp_path)
+
+
+def test_trainer_state_with_wrong_types_names_file_and_key(tmp_path):
+    folder = _fake_checkpoint(tmp_path, 4)
+    (folder / STATE_NAME).write_text(json.dumps({**TrainerState().to_json(), "epoch": "three"}))
+    write_marker(folder, {"trainer_state": [STATE_NAME]})  # consistent checksums: the content is the problem
+    with pytest.raises(CheckpointError, match=r"trainer_state.json: 'epoch' is 'three', expected an integer"):
+        resolve_resume(str(folder), None)
+
+
+def test_marker_without_checksums_is_not_trusted(tmp_path):
+    folder = _fake_checkpoint(tmp_path, 4)
+    (folder / COMPLETE_MARKER).write_text(json.dumps({"complete": True}))  # the format before checksums
+    with pytest.raises(CheckpointError, match="lists no file checksums"):
+        resolve_resume(str(folder), None)

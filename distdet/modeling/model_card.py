@@ -10,6 +10,7 @@ weights choices; ``info`` is free-form (training summary, metrics, versions).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,13 +47,58 @@ class ModelCard:
         missing = [key for key in ("model", "class_names") if key not in data]
         if missing:
             raise ValueError(f"model card {path} lacks {', '.join(missing)}")
-        return cls(data["model"], list(data["class_names"]), dict(data.get("build", {})), dict(data.get("info", {})))
+        names, build, info = data["class_names"], data.get("build", {}), data.get("info", {})
+        if not isinstance(data["model"], str):
+            raise ValueError(f"model card {path}: 'model' must be a model name, got {data['model']!r}")
+        if (not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names)
+                or len(set(names)) != len(names)):
+            raise ValueError(f"model card {path}: 'class_names' must be a list of distinct non-empty names, "
+                             f"got {names!r}")
+        if not isinstance(build, dict) or not isinstance(info, dict):
+            raise ValueError(f"model card {path}: 'build' and 'info' must be objects")
+        for key, value in build.items():
+            _check_build_value(path, key, value)
+        return cls(data["model"], list(names), dict(build), dict(info))
+
+
+#: The ``build`` keys a card may hold: (type, smallest value, largest value or None).
+BUILD_KEYS: dict[str, tuple[type, float, float | None]] = {
+    "min_size": (int, 1, None), "max_size": (int, 1, None), "trainable_backbone_layers": (int, 0, 5),
+    "box_score_thresh": (float, 0.0, 1.0), "box_detections_per_img": (int, 1, None),
+    "box_batch_size_per_image": (int, 1, None), "rpn_batch_size_per_image": (int, 1, None),
+    "frozen_batchnorm": (bool, 0, 1),
+}
+
+
+def _check_build_value(path: Path, key: str, value: Any) -> None:
+    """Raise ValueError naming the card and the key for an unknown key or a value of the wrong type or range."""
+    if key not in BUILD_KEYS:
+        raise ValueError(f"model card {path}: unknown build key {key!r} (known: {', '.join(BUILD_KEYS)})")
+    kind, low, high = BUILD_KEYS[key]
+    if key == "trainable_backbone_layers" and value is None:
+        return
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (kind is not bool and (value < low or (high is not None and value > high))):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        wanted = {bool: "true or false", int: f"an integer {bounds}", float: f"a number {bounds}"}[kind]
+        raise ValueError(f"model card {path}: build {key!r} must be {wanted}, got {value!r}")
 
 
 def save_detector(model: nn.Module, card: ModelCard, out_dir: str | Path, weights_name: str = WEIGHTS_NAME) -> Path:
-    """Write ``weights_name`` and the card into ``out_dir`` atomically; return the weights path."""
+    """Write ``weights_name`` and the card into ``out_dir`` atomically; return the weights path.
+
+    Refuses (ValueError naming the tensor) weights that hold NaN or infinity.
+    """
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ValueError(f"not writing {out_dir / weights_name}: the weights hold NaN or infinity ({bad})")
     weights_path = atomic_write(out_dir / weights_name, lambda tmp: torch.save(state, tmp))
     atomic_write_json(out_dir / CARD_NAME, card.to_json())
     return weights_path

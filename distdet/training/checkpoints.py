@@ -1,16 +1,25 @@
-"""Complete, atomic training checkpoints: ``checkpoints/step_000123`` in the run folder.
+"""Complete, verified, atomic training checkpoints: ``checkpoints/step_000123`` in the run folder.
 
-A checkpoint is written by every rank with ``accelerator.save_state`` (model, optimizer,
-registered scheduler, gradient scaler, each rank's RNG states) into a temporary folder
-``checkpoints/.tmp_step_000123``; the main process then adds ``trainer_state.json`` (where in
-training it was taken) and the completion marker ``COMPLETE``, and renames the folder into
-place. A crash at any point leaves either the previous checkpoints alone or a temporary folder
-that is never picked up: "latest" is the highest-step folder named ``step_<digits>`` that
-holds the marker.
+A checkpoint is written by every rank with ``accelerator.save_state`` (model as safetensors,
+optimizer, gradient scaler, each rank's RNG states) into a temporary folder
+``checkpoints/.tmp_step_000123``; the main process then adds distdet's own state as JSON
+(``scheduler.json``, ``run_settings.json``, ``trainer_state.json``) and the completion marker
+``COMPLETE`` holding the checksum of every file (:mod:`distdet.training.checkpoint_files`), and
+renames the folder into place. A crash at any point leaves either the previous checkpoints
+alone or a temporary folder that is never picked up: "latest" is the highest-step folder named
+``step_<digits>`` that holds the marker, and ``--resume auto`` takes the newest one whose
+files all match their checksums, naming each one it passes over.
+
+Weights and optimizer state are checked finite before every save and after every load, so a
+saved checkpoint never holds NaN/inf and pruning (the newest ``keep``) never removes the last
+finite one in favour of a poisoned one. A save that fails (disk full) removes its temporary
+folder, keeps every earlier checkpoint and raises :class:`CheckpointError` saying how much
+space is left.
 """
 from __future__ import annotations
 
 import logging
+import random
 import re
 import shutil
 import time
@@ -18,15 +27,33 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from accelerate import Accelerator
 
-from distdet.io_utils import atomic_write_json, fsync_dir, read_json
+from distdet.io_utils import atomic_write_json, fsync_dir, read_json, write_failure_cause
+from distdet.runtime.accelerator import agree_any
+from distdet.training.checkpoint_files import (
+    COMPLETE_MARKER,
+    CheckpointError,
+    first_nonfinite,
+    load_json_piece,
+    load_safetensors,
+    load_tensor_file,
+    optimizer_tensors,
+    piece_files,
+    read_marker,
+    verify_checkpoint,
+    write_marker,
+)
+from distdet.training.resume_settings import apply_hyperparameters, compare_settings, group_hyperparameters
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
-COMPLETE_MARKER = "COMPLETE"
+SCHEDULER_NAME = "scheduler.json"
+SETTINGS_NAME = "run_settings.json"
 _NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -54,11 +81,24 @@ class TrainerState:
 
     @classmethod
     def from_file(cls, path: Path) -> "TrainerState":
-        data = read_json(path, "trainer state")
+        """Read and type-check ``path``; CheckpointError naming the file and the key otherwise."""
+        try:
+            data = read_json(path, "trainer state")
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
+        if not isinstance(data, dict):
+            raise CheckpointError(f"trainer state {path} is not a JSON object")
         known = {f.name for f in fields(cls)}
         missing = known - set(data)
         if missing:
-            raise ValueError(f"trainer state {path} lacks {', '.join(sorted(missing))}")
+            raise CheckpointError(f"trainer state {path} lacks {', '.join(sorted(missing))}")
+        for key in known:
+            value, optional = data[key], key in ("best_metric", "best_step")
+            wanted = (int, float) if key == "best_metric" else int
+            if (value is None and optional) or (isinstance(value, wanted) and not isinstance(value, bool)):
+                continue
+            raise CheckpointError(f"trainer state {path}: {key!r} is {value!r}, expected "
+                                  f"{'a number' if key == 'best_metric' else 'an integer'}")
         return cls(**{k: data[k] for k in known})
 
 
@@ -92,23 +132,53 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def verify(path: Path) -> TrainerState:
+    """Check every file of checkpoint ``path`` against its marker; return its trainer state."""
+    verify_checkpoint(path)
+    return TrainerState.from_file(path / STATE_NAME)
+
+
+def newest_verified(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of ``run_dir`` that verifies, warning about each newer one that does not.
+
+    None when there is no complete checkpoint; CheckpointError when there are some but none verifies.
+    """
+    found = complete_checkpoints(run_dir)
+    problems = []
+    for path in reversed(found):
+        try:
+            verify(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            logger.warning("%s; falling back to the checkpoint before it", exc)
+            continue
+        if problems:
+            logger.warning("resuming from %s, the newest checkpoint that verifies", path)
+        return path
+    if problems:
+        raise CheckpointError(f"no checkpoint of {run_dir} verifies: " + "; ".join(problems))
+    return None
+
+
 def resolve_resume(resume: str, output_dir: Path | None) -> tuple[Path | None, Path | None]:
     """Turn ``--resume`` into (checkpoint to load or None, run folder it implies or None).
 
-    ``none``: nothing. ``auto``: the latest complete checkpoint of ``output_dir`` if any.
-    A path: a complete checkpoint folder, or a run folder (its latest checkpoint).
+    ``none``: nothing. ``auto``: the newest complete checkpoint of ``output_dir`` that verifies,
+    if any. A path: a complete checkpoint folder (which must verify), or a run folder (its newest
+    checkpoint that verifies).
     """
     if resume == "none":
         return None, None
     if resume == "auto":
         if output_dir is None:
             return None, None
-        return latest_checkpoint(output_dir), None
+        return newest_verified(output_dir), None
     path = Path(resume)
     if is_complete(path):
+        verify(path)
         return path, path.parent.parent
     if (path / CHECKPOINTS_DIR).is_dir():
-        latest = latest_checkpoint(path)
+        latest = newest_verified(path)
         if latest is None:
             raise FileNotFoundError(f"--resume {path}: the run folder holds no complete checkpoint")
         return latest, path
@@ -117,25 +187,46 @@ def resolve_resume(resume: str, output_dir: Path | None) -> tuple[Path | None, P
     raise FileNotFoundError(f"--resume {path}: not a checkpoint folder or a run folder with checkpoints")
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:
+
+
+@dataclass
+class Trainables:
+    """What a checkpoint saves besides the trainer state: the prepared model, optimizer, scheduler."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def check_finite(accelerator: Accelerator, parts: Trainables, when: str) -> None:
+    """Raise CheckpointError on every rank if any rank's weights or optimizer state hold NaN/inf."""
+    model = accelerator.unwrap_model(parts.model)
+    bad = first_nonfinite(model.state_dict().items()) or first_nonfinite(optimizer_tensors(parts.optimizer.state_dict()))
+    if agree_any(accelerator, [bad is not None])[0]:
+        raise CheckpointError(f"{when}: non-finite weights or optimizer state ({bad or 'on another rank'})")
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep: int, parts: Trainables,
+                    settings: dict[str, Any]) -> Path:
     """Save a complete checkpoint of the current training state; every rank must call this.
 
     Returns the final folder. Keeps the newest ``keep`` checkpoints and removes leftover
     temporary folders and checkpoints newer than this one (an abandoned line of training).
+    ``settings`` (what the weights were trained with, see :mod:`distdet.training.resume_settings`)
+    is saved as ``run_settings.json``.
     """
     folder = Path(run_dir) / CHECKPOINTS_DIR
     name = checkpoint_name(state.global_step)
     final, tmp = folder / name, folder / f".tmp_{name}"
+    check_finite(accelerator, parts, f"not saving checkpoint {final} (the previous ones are kept)")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    _collective_write(accelerator, tmp, final, lambda: accelerator.save_state(str(tmp)))
+    own_state = (lambda: _write_own_state(tmp, state, parts, settings)) if accelerator.is_main_process else (lambda: None)
+    _collective_write(accelerator, tmp, final, own_state)
     if accelerator.is_main_process:
-        atomic_write_json(tmp / STATE_NAME, state.to_json())
-        atomic_write_json(tmp / COMPLETE_MARKER, {"complete": True, "time": time.time()})
-        fsync_dir(tmp)
         if final.exists():
             stale = folder / f".old_{name}"
             shutil.rmtree(stale, ignore_errors=True)
@@ -147,6 +238,44 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
         logger.info("checkpoint saved: %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_own_state(tmp: Path, state: TrainerState, parts: Trainables, settings: dict[str, Any]) -> None:
+    atomic_write_json(tmp / SCHEDULER_NAME, parts.scheduler.state_dict())
+    atomic_write_json(tmp / SETTINGS_NAME, settings)
+    atomic_write_json(tmp / STATE_NAME, state.to_json())
+    names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    pieces = {"model": [n for n in names if n.endswith(".safetensors")],
+              "optimizer": [n for n in names if n.startswith("optimizer")],
+              "rng": [n for n in names if n.startswith("random_states_")],
+              "scaler": [n for n in names if n.startswith("scaler")],
+              "scheduler": [SCHEDULER_NAME], "settings": [SETTINGS_NAME], "trainer_state": [STATE_NAME]}
+    write_marker(tmp, pieces, time=time.time(), finite=True)
+    fsync_dir(tmp)
+
+
+def _collective_write(accelerator: Accelerator, tmp: Path, final: Path, write) -> None:
+    """Run ``write`` on this rank; if it fails on any rank, remove ``tmp`` and raise on every rank."""
+    error: BaseException | None = None
+    try:
+        write()
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:  # TypeError: state that is not JSON
+        error = exc
+    if not agree_any(accelerator, [error is not None])[0]:
+        return
+    free_during = shutil.disk_usage(tmp.parent).free
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    raise CheckpointError(_save_failure_message(final, tmp, error, free_during)) from error
+
+
+def _save_failure_message(final: Path, tmp: Path, error: BaseException | None, free_during: int) -> str:
+    cause = write_failure_cause(error, free_during) if error is not None else "another rank failed to write its part"
+    previous = latest_checkpoint(final.parent.parent)
+    return (f"cannot save checkpoint {final}: {cause} ({shutil.disk_usage(tmp.parent).free} bytes free in "
+            f"{tmp.parent} after removing the partial {tmp.name}; {free_during} when the write failed); "
+            f"the previous checkpoint {previous or '(none)'} is kept")
 
 
 def _prune(folder: Path, current: Path, keep: int) -> None:
@@ -161,10 +290,82 @@ def _prune(folder: Path, current: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
-    """Restore model, optimizer, scheduler, scaler and RNG states from ``path``; every rank calls this."""
+def read_settings(path: Path) -> dict[str, Any]:
+    """The ``run_settings.json`` of checkpoint ``path``."""
+    return load_json_piece(path / SETTINGS_NAME, "run settings")
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, parts: Trainables, settings: dict[str, Any],
+                    deterministic: bool) -> tuple[TrainerState, dict[str, list[Any]]]:
+    """Restore model, optimizer, scheduler, scaler and this rank's RNG states from ``path``.
+
+    Every rank calls this, after the main process verified the checksums. Nothing is unpickled
+    (see :mod:`distdet.training.checkpoint_files`); a file that cannot be read raises
+    CheckpointError naming it, and the loaded weights and optimizer state must be finite.
+    ``settings`` are the current run's (:func:`~distdet.training.resume_settings.run_settings`);
+    returns the trainer state and the optimizer settings changed by the current flags.
+    """
     if not is_complete(path):
-        raise FileNotFoundError(f"checkpoint {path} is incomplete or not a checkpoint")
+        raise CheckpointError(f"checkpoint {path} is incomplete or not a checkpoint")
     state = TrainerState.from_file(path / STATE_NAME)
-    accelerator.load_state(str(path))
-    return state
+    marker = read_marker(path)
+    compare_settings(path, read_settings(path), settings)
+    wanted = group_hyperparameters(parts.optimizer)
+    error = None
+    try:
+        _load_model(accelerator, path, parts.model)
+        _load_optimizer(path, parts.optimizer)
+        scheduler_state = load_json_piece(path / SCHEDULER_NAME, "scheduler state")
+        try:
+            parts.scheduler.load_state_dict(scheduler_state)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path}: {SCHEDULER_NAME} is not a scheduler state: {exc}") from exc
+        if accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(load_tensor_file(path / "scaler.pt"))
+        _load_rng(path, marker, accelerator.process_index, deterministic)
+    except CheckpointError as exc:
+        error = exc
+    if agree_any(accelerator, [error is not None])[0]:
+        raise error or CheckpointError(f"checkpoint {path}: another rank could not load its part")
+    check_finite(accelerator, parts, f"checkpoint {path} loaded")
+    return state, apply_hyperparameters(parts.optimizer, parts.scheduler, wanted)
+
+
+def _load_model(accelerator: Accelerator, path: Path, model: torch.nn.Module) -> None:
+    weights = load_safetensors(path / "model.safetensors")
+    try:
+        accelerator.unwrap_model(model).load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: model.safetensors does not fit the model being trained "
+                              f"({str(exc).splitlines()[0]})") from exc
+
+
+def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    saved = load_tensor_file(path / "optimizer.bin")
+    try:
+        optimizer.load_state_dict(saved)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: optimizer.bin is not a state of this optimizer: {exc}") from exc
+
+
+def _load_rng(path: Path, marker: dict[str, Any], rank: int, deterministic: bool) -> None:
+    """Restore this rank's RNG states. A rank the checkpoint has no state for (another process
+    count) warns; an unreadable state breaks exact resume: warn, or refuse under ``--deterministic``
+    (Accelerate itself skips such a file without a word)."""
+    name = f"random_states_{rank}.pkl"
+    if name not in piece_files(marker, "rng"):
+        logger.warning("checkpoint %s has no %s (saved with other ranks); this rank's random streams restart "
+                       "from the seed", path, name)
+        return
+    try:
+        states = load_tensor_file(path / name)
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+        if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+            torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+    except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+        message = f"{exc if isinstance(exc, CheckpointError) else f'checkpoint {path}: {name} is not an RNG state ({exc})'}"
+        if deterministic:
+            raise CheckpointError(f"{message}; --deterministic cannot resume exactly without it") from exc
+        logger.warning("%s; random streams continue from the seed, so this resume is not exact", message)
