@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -336,9 +337,12 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Raise ValueError naming the flag for values no training run can use."""
+    """Raise ValueError naming the flag for values no training run can use (NaN and infinity included)."""
+    for name, value in cfg.to_dict().items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag_name(name)} must be a finite number, got {value}")
     positive = ("box_batch_size_per_image", "rpn_batch_size_per_image", "epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every", "keep_checkpoints",
-                "max_bad_steps")
+                "max_bad_steps", "min_size", "max_size")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{flag_name(name)} must be at least 1, got {getattr(cfg, name)}")

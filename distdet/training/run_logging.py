@@ -20,6 +20,8 @@ from accelerate import Accelerator
 from accelerate.tracking import filter_trackers
 from tqdm.auto import tqdm
 
+from distdet.io_utils import atomic_write
+
 METRICS_NAME = "metrics.jsonl"
 EVENTS_NAME = "events.jsonl"
 TRACKER_PROJECT = "tensorboard"
@@ -64,8 +66,29 @@ class RunLog:
             scalars = {f"{kind}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))}
             self.accelerator.log(scalars, step=step)
 
+    def drop_metrics_after(self, step: int) -> int:
+        """Remove the records of steps after ``step`` from ``metrics.jsonl`` (a resume rolled them back,
+        so plots and ``results.csv`` show each step once); return how many were removed."""
+        path = self.run_dir / METRICS_NAME
+        if not self.active or not path.is_file():
+            return 0
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if _record_step(line) <= step]
+        if len(kept) < len(lines):
+            atomic_write(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
+        return len(lines) - len(kept)
+
     def event(self, event: str, **details: Any) -> None:
         self._append(EVENTS_NAME, {"event": event, "time": time.time(), **details})
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics line; a line that is not a record with a step is kept (-inf)."""
+    try:
+        step = json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return float("-inf")
+    return step if isinstance(step, (int, float)) else float("-inf")
 
 
 def _tb_hparams(config: dict[str, Any]) -> dict[str, Any]:

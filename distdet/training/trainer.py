@@ -45,18 +45,23 @@ import distdet
 from distdet.classes import CLASS_NAMES
 from distdet.data import collate_detection
 from distdet.eval import evaluate_model, scalar_metrics
-from distdet.io_utils import atomic_write_json
+from distdet.io_utils import WriteFailed, atomic_write_json
 from distdet.modeling.model_card import ModelCard, save_detector
 from distdet.modeling.models import build_model, uses_frozen_batchnorm
+from distdet.modeling.weights import WeightsUnavailableError
 from distdet.training.report import write_training_plots
 from distdet.training.checkpoints import (
     CHECKPOINTS_DIR,
+    CheckpointError,
     TrainerState,
+    Trainables,
     complete_checkpoints,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
 )
+from distdet.training.resume_settings import run_settings
+from distdet.training.run_lock import RunFolderLocked, lock_run_folder
 from distdet.training.config import TrainConfig, parse_config
 from distdet.training.data_setup import SPLIT_NAME, TrainingData, prepare_data
 from distdet.runtime.accelerator import LaunchError, agree_any, build_accelerator, leave_process_group
@@ -104,7 +109,7 @@ def run_training(cfg: TrainConfig) -> int:
     configure_logging(rank, world, accelerator.is_main_process)
     try:
         return _train(cfg, accelerator)
-    except (TrainingError, FileNotFoundError, ValueError) as exc:
+    except (TrainingError, FileNotFoundError, ValueError, WeightsUnavailableError, WriteFailed) as exc:
         logger.error("rank %d of %d: %s", rank, world, exc)
         return EXIT_FAILED
     except Exception as exc:
@@ -177,23 +182,28 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
 
     # -- 4. resume ----------------------------------------------------------------------------------
     state = TrainerState(world_size=world, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps)
+    resume_changes: dict[str, Any] = {}
     if resume_from is not None:
-        state = _resume(accelerator, resume_from, state)
+        state, resume_changes = _resume(accelerator, resume_from, state, Trainables(model, optimizer, scheduler),
+                                        run_settings(cfg, data.train_records), cfg.deterministic)
 
     resolved = {"effective_lr": lr, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
                 "warmup_steps": resolve_warmup_steps(cfg, steps_per_epoch), "world_size": world,
                 "device": str(accelerator.device), "distributed_type": str(accelerator.distributed_type),
                 "mixed_precision": accelerator.mixed_precision, "data_dir": str(data.data_dir),
-                "train_images": len(data.train), "val_images": len(data.val or []), "test_images": len(data.test)}
+                "train_images": len(data.train), "val_images": len(data.val or []), "test_images": len(data.test),
+                "data_fingerprint": run_settings(cfg, data.train_records)["data_fingerprint"],
+                "resume_changes": resume_changes}
     if accelerator.is_main_process:
         _write_config(run_dir, cfg, resolved, data)
     log = RunLog(accelerator, run_dir, cfg.tensorboard, {**cfg.to_dict(), **resolved})
+    dropped = log.drop_metrics_after(state.global_step) if resume_from else 0
     log.event("resumed" if resume_from else "started", checkpoint=str(resume_from) if resume_from else None,
-              global_step=state.global_step, epoch=state.epoch, world_size=world, slurm_job_id=slurm_job_id())
+              global_step=state.global_step, epoch=state.epoch, world_size=world, slurm_job_id=slurm_job_id(),
+              resume_changes=resume_changes, metrics_dropped=dropped)
     logger.info("run folder %s; %d processes on %s; %d train images, %d steps/epoch, global batch %d, lr %.5g",
                 run_dir, world, accelerator.device, len(data.train), steps_per_epoch, global_batch, lr)
     run = Run(cfg, accelerator, run_dir, data, sampler, loader, model, optimizer, scheduler, state, log,
@@ -397,7 +407,9 @@ def _max_steps_reached(run: Run) -> bool:
 def _checkpoint(run: Run) -> None:
     if run.state.global_step == run.last_saved_step:
         return
-    path = save_checkpoint(run.accelerator, run.run_dir, run.state, run.cfg.keep_checkpoints)
+    path = save_checkpoint(run.accelerator, run.run_dir, run.state, run.cfg.keep_checkpoints,
+                           Trainables(run.model, run.optimizer, run.scheduler),
+                           run_settings(run.cfg, run.data.train_records))
     run.last_saved_step = run.state.global_step
     run.log.event("checkpoint", path=str(path), global_step=run.state.global_step, epoch=run.state.epoch,
                   step_in_epoch=run.state.step_in_epoch)
@@ -480,6 +492,8 @@ def _write_plots(run_dir: Path) -> None:
     try:
         for path in write_training_plots(run_dir):
             logger.info("plot written: %s", path)
+    except (FileNotFoundError, ValueError) as exc:  # a run shorter than --log-every logs no metrics
+        logger.info("no training plots: %s", exc)
     except Exception:  # noqa: BLE001 - the weights are saved; plots are a convenience
         logger.exception("could not write the training plots of %s", run_dir)
 
@@ -495,6 +509,9 @@ def _run_dir_and_resume(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Pat
     if accelerator.is_main_process:
         try:
             output_dir = Path(cfg.output_dir) if cfg.output_dir else None
+            if output_dir is not None:  # before looking at its checkpoints: a live run may be writing them
+                output_dir.mkdir(parents=True, exist_ok=True)
+                lock_run_folder(output_dir)
             checkpoint, implied_run = resolve_resume(cfg.resume, output_dir)
             run_dir = output_dir or implied_run or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
             if cfg.resume == "auto" and checkpoint is None:
@@ -503,8 +520,9 @@ def _run_dir_and_resume(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Pat
                 raise TrainingError(f"run folder {run_dir} already holds checkpoints; pass --resume auto to "
                                     f"continue it, or choose another --output-dir")
             run_dir.mkdir(parents=True, exist_ok=True)
+            lock_run_folder(run_dir)  # held by this process until it exits (a no-op if taken above)
             decision = [(str(run_dir.resolve()), str(checkpoint.resolve()) if checkpoint else None, None)]
-        except (TrainingError, FileNotFoundError) as exc:
+        except (TrainingError, FileNotFoundError, CheckpointError, RunFolderLocked) as exc:
             decision = [(None, None, str(exc))]
     broadcast_object_list(decision)
     run_dir, checkpoint, error = decision[0]
@@ -513,8 +531,9 @@ def _run_dir_and_resume(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Pat
     return Path(run_dir), Path(checkpoint) if checkpoint else None
 
 
-def _resume(accelerator: Accelerator, checkpoint: Path, current: TrainerState) -> TrainerState:
-    saved = load_checkpoint(accelerator, checkpoint)
+def _resume(accelerator: Accelerator, checkpoint: Path, current: TrainerState, parts: Trainables,
+            settings: dict[str, Any], deterministic: bool) -> tuple[TrainerState, dict[str, list[Any]]]:
+    saved, changes = load_checkpoint(accelerator, checkpoint, parts, settings, deterministic)
     layout = ("world_size", "batch_size", "grad_accum_steps")
     changed = {k: (getattr(saved, k), getattr(current, k)) for k in layout if getattr(saved, k) != getattr(current, k)}
     if changed and saved.step_in_epoch:
@@ -528,7 +547,7 @@ def _resume(accelerator: Accelerator, checkpoint: Path, current: TrainerState) -
         setattr(saved, key, getattr(current, key))
     logger.info("resumed from %s: epoch %d, step %d in epoch, global step %d", checkpoint, saved.epoch,
                 saved.step_in_epoch, saved.global_step)
-    return saved
+    return saved, changes
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, resolved: dict[str, Any], data: TrainingData) -> None:
