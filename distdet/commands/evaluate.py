@@ -7,6 +7,7 @@ with ``--predictions`` a COCO results file is scored without a model (one proces
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -30,6 +31,13 @@ def _unit_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
@@ -49,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--predictions", metavar="FILE.json",
                         help="a COCO results list (image_id, category_id, bbox x,y,w,h, score) with the ids of the "
                              "ground_truth.json this command writes for the same split; [] is valid")
+    parser.add_argument("--max-predictions-mb", type=_positive_float, default=64.0,
+                        help="refuse a --predictions file larger than this many MiB (default: 64)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="dataset folder (images/ + annotations/); default: with --checkpoint, the data and "
                              "split manifest recorded in its model card when both still exist, else the "
@@ -126,7 +136,8 @@ def _run_predictions(args: argparse.Namespace) -> int:
     class_names = CLASS_NAMES
     records = _records(args, class_names)
     path = Path(args.predictions)
-    predictions = load_coco_results(path, len(records), len(class_names))
+    predictions = load_coco_results(path, len(records), len(class_names),
+                                    max_bytes=int(args.max_predictions_mb * 2**20))
     metrics = compute_metrics(records, predictions, class_names, score_threshold=args.score_threshold,
                               voc07=args.voc07)
     out = args.out or path.with_name(f"{path.stem}-eval-{args.split}")

@@ -31,6 +31,11 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 #: Largest image accepted, in pixels (the real images are about 0.1 megapixels).
 MAX_PIXELS = 50_000_000
 
+#: Longest side over shortest side accepted in a dataset. Beyond it the detector's resize (short
+#: side to --min-size, long side capped at --max-size) leaves a side of a pixel or none: a
+#: 20000x2 image resizes to 0 rows at the default 800/1333 and stops training in ``interpolate``.
+MAX_ASPECT_RATIO = 50
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
@@ -131,3 +136,19 @@ def load_rgb(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> Imag
         if rgb is image:
             rgb = image.copy()
     return rgb
+
+
+def resized_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """The (width, height) torchvision's detection transform resizes an image to: the short side
+    to ``min_size`` unless that would take the long side past ``max_size``; sizes are floored."""
+    scale = min(min_size / min(width, height), max_size / max(width, height))
+    return int(width * scale), int(height * scale)
+
+
+def check_aspect_ratio(path: str | os.PathLike[str], width: int, height: int) -> None:
+    """Raise DataError naming ``path`` for an image beyond :data:`MAX_ASPECT_RATIO`."""
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > MAX_ASPECT_RATIO:
+        raise DataError.single(ProblemKind.EXTREME_ASPECT_RATIO, Path(path),
+                               f"image is {width}x{height}, {ratio:.0f}:1 (over {MAX_ASPECT_RATIO}:1): resized for "
+                               f"the detector its short side would be a pixel or none")

@@ -10,7 +10,7 @@ from pathlib import Path
 from lxml import etree
 
 from distdet.classes import CLASS_NAMES
-from distdet.data.images import IMAGE_SUFFIXES, MAX_PIXELS, load_rgb, read_image_size
+from distdet.data.images import IMAGE_SUFFIXES, MAX_PIXELS, check_aspect_ratio, load_rgb, read_image_size
 from distdet.data.problems import DataError, Problem, ProblemKind
 from distdet.data.records import ImageRecord
 from distdet.data.voc import MAX_XML_BYTES, make_xml_parser, parse_voc_annotation
@@ -104,6 +104,7 @@ def _index_pair(
             ProblemKind.SIZE_MISMATCH, xml_path,
             f"<size> says {ann.width}x{ann.height} but {image_path.name} is {size[0]}x{size[1]}",
         )
+    check_aspect_ratio(image_path, *size)
     record = ImageRecord(
         stem=stem, image_path=image_path, annotation_path=xml_path, width=ann.width, height=ann.height,
         boxes=ann.boxes, labels=ann.labels, difficult=ann.difficult,

@@ -32,6 +32,7 @@ class ProblemKind(str, Enum):
     DEGENERATE_BOX = "degenerate_box"
     BOX_OUTSIDE_IMAGE = "box_outside_image"
     EMPTY_ANNOTATION = "empty_annotation"
+    EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,9 @@ def predict_files(
         loaded: list[tuple[int, Image.Image]] = []
         for index in batch:
             try:
-                loaded.append((index, load_rgb(paths[index])))
+                image = load_rgb(paths[index])
+                detector.check_resizable(image, paths[index])
+                loaded.append((index, image))
             except (ValueError, OSError) as exc:
                 local.append((index, None, {"file": str(paths[index]), "error": _reason(exc, paths[index])}))
                 bar.update(1)

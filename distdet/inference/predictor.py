@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from distdet.data.images import load_rgb
+from distdet.data.images import load_rgb, resized_size
+from distdet.data.problems import DataError, ProblemKind
 from distdet.modeling.model_card import ModelCard, load_detector_model
 from distdet.modeling.models import set_eval_thresholds
 
@@ -85,10 +86,24 @@ class Detector:
                 results.append(result)
         return results
 
+    def check_resizable(self, image: Image.Image, name: str | Path) -> None:
+        """Raise DataError naming ``name`` if this model's resize would leave ``image`` no pixels."""
+        transform = self.model.transform
+        width, height = resized_size(image.width, image.height, transform.min_size[-1], transform.max_size)
+        if min(width, height) < 1:
+            raise DataError.single(ProblemKind.EXTREME_ASPECT_RATIO, Path(name),
+                                   f"image is {image.width}x{image.height}: resized for this model (short side "
+                                   f"{transform.min_size[-1]}, long side at most {transform.max_size}) it would be "
+                                   f"{width}x{height} pixels")
+
     def predict_pil(self, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
-        """Run the model on PIL images in one forward pass; results without ``file``."""
+        """Run the model on PIL images in one forward pass; results without ``file``.
+
+        Raises DataError for an image the model's resize would reduce to nothing."""
         if not images:
             return []
+        for index, image in enumerate(images):
+            self.check_resizable(image, f"<image {index} of the batch>")
         tensors = [image_to_tensor(image).to(self.device) for image in images]
         with torch.inference_mode(), self._autocast():
             outputs = self.model(tensors)
