@@ -5,9 +5,9 @@ h], "score": number}``; ids are those of the ``ground_truth.json`` that ``distde
 writes for the same split (image id = position in the split, category id = 1-based class).
 Extra keys are ignored. ``[]`` is valid (no detections).
 
-Untrusted files are bounded: a file over ``max_bytes`` (default 64 MiB, about 600 000
-detections; ``distdet evaluate --max-predictions-mb``) is refused before it is read, because
-parsing costs about 18 times the file size in memory (a 200 MB file took 3.6 GB and 94 s), and
+Untrusted files are bounded: a file over ``max_bytes`` (default 64 MiB, several hundred
+thousand detections; ``distdet evaluate --max-predictions-mb``) is refused before it is read, because
+parsing costs many times the file size in memory (issue 12 measured 3.6 GB and 94 s for 200 MB), and
 nesting deeper than Python's JSON reader allows, or numbers beyond its digit limit, are refused
 with the file named instead of a RecursionError.
 """
