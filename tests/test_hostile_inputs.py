@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from distdet.classes import CLASS_NAMES
 from distdet.data import DataError, ProblemKind, build_index
 from distdet.data.synthetic import make_synthetic_dataset
 from distdet.eval.results_file import ResultsFileError, load_coco_results
-from distdet.inference.batch_predict import predict_files
+from distdet.inference.batch_predict import expand_inputs, predict_files
 from distdet.inference.predictor import load_detector
 from distdet.modeling.model_card import ModelCard, save_detector
 from distdet.modeling.models import build_model
@@ -127,3 +128,28 @@ def test_predict_with_a_bad_card_exits_2_without_a_traceback(model_dir, tmp_path
                            str(tmp_path), "--out", str(tmp_path / "out")], capture_output=True, text=True,
                           env=child_env(), timeout=300)
     assert done.returncode == 2 and "'class_names' must be a list" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_predict_lists_folder_entries_that_are_not_files_as_skipped(model_dir, data_dir, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    good = sorted((data_dir / "images").iterdir())[:2]
+    for path in good:
+        shutil.copy(path, folder)
+    (folder / "sub.png").mkdir()
+    os.mkfifo(folder / "pipe.png")
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (folder / "dirlink").symlink_to(folder / "sub.png")
+    (folder / "linked.png").symlink_to(good[0])  # a link to an image is followed
+    paths, failures, skipped = expand_inputs([folder])
+    assert [p.name for p in paths] == sorted([good[0].name, good[1].name, "linked.png"]) and failures == []
+    assert {Path(s["file"]).name: s["reason"] for s in skipped} == {
+        "sub.png": "skipped: a directory", "pipe.png": "skipped: a FIFO", "gone.png": "skipped: a dangling link",
+        "dirlink": "skipped: a link to a directory"}
+    done = subprocess.run([sys.executable, "-m", "distdet", "predict", "--checkpoint", str(model_dir), str(folder),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=child_env(),
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 folder entr(y/ies) skipped" in done.stderr and "pipe.png: skipped: a FIFO" in done.stderr
+    data = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert len(data["images"]) == 3 and len(data["skipped"]) == 4

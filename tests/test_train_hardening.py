@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distdet.training.checkpoints import resolve_resume
 from distdet.training.config import parse_config
 from support.trainer import FAST, check_ok, child_env, make_tiny_dataset, read_jsonl, run, train_command, wait_for
 
@@ -79,14 +80,18 @@ def test_planted_pickles_in_a_checkpoint_never_run(data_dir, tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_weights_that_blow_up_never_end_in_exit_0_or_model_pt(data_dir, tmp_path):
+def test_weights_that_blow_up_never_end_in_exit_0_or_model_pt_nor_prune_the_good_checkpoint(data_dir, tmp_path):
     out = tmp_path / "run"
-    # lr 1e39 is a finite float but infinite in float32: the first update makes the weights non-finite,
-    # every later loss is NaN and skipped, and fewer than --max-bad-steps remain
-    done = _train(data_dir, out, "--lr", "1e39", "--max-steps", "3", "--max-bad-steps", "10")
+    check_ok(_train(data_dir, out, "--max-steps", "2", "--keep-checkpoints", "1"))
+    # lr 1e39 is a finite float but infinite in float32: the first update after the resume makes the
+    # weights non-finite, every later loss is NaN and skipped, and fewer than --max-bad-steps remain
+    done = _train(data_dir, out, "--resume", "auto", "--lr", "1e39", "--max-steps", "5", "--max-bad-steps", "10",
+                  "--keep-checkpoints", "1", "--checkpoint-every", "1")
     assert done.returncode == 1, done.stderr[-3000:]
     assert "non-finite weights or optimizer state" in done.stderr and "Traceback" not in done.stderr
-    assert not (out / "model.pt").exists() and not (out / "checkpoints").exists()
+    assert not (out / "model.pt").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]  # the good one is kept
+    assert resolve_resume("auto", out)[0] == out / "checkpoints" / "step_000002"
 
 
 def test_second_run_in_a_folder_is_refused_naming_the_holder_and_a_dead_one_does_not_block(data_dir, tmp_path):

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"distdet predict: error: cannot load checkpoint {args.checkpoint}: {exc}", file=sys.stderr)
         return 2
-    paths, input_failures = expand_inputs(args.inputs)
+    paths, input_failures, skipped = expand_inputs(args.inputs)
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
         print(f"predicting {len(paths)} image(s) with {world} process(es) on {device}", flush=True)
@@ -93,10 +93,14 @@ def run(args: argparse.Namespace) -> int:
         mine = rank_batches(len(paths), args.batch_size, world, rank)
         print(f"[rank {rank}/{world}] {sum(map(len, mine))} image(s) in {len(mine)} batch(es)", flush=True)
     summary = predict_files(detector, paths, args.out, accelerator, annotations_dir=args.annotations,
-                            input_failures=input_failures, checkpoint=str(args.checkpoint))
+                            input_failures=input_failures, skipped=skipped, checkpoint=str(args.checkpoint))
     if not accelerator.is_main_process:
         return 1 if summary.failures else 0
     print(f"wrote {summary.predictions_file} and {len(summary.images)} rendered image(s) to {args.out}")
+    if summary.skipped:
+        print(f"{len(summary.skipped)} folder entr(y/ies) skipped (not regular files):", file=sys.stderr)
+        for entry in summary.skipped:
+            print(f"  {entry['file']}: {entry['reason']}", file=sys.stderr)
     if summary.failures:
         print(f"{len(summary.failures)} problem(s) with the inputs:", file=sys.stderr)
         for failure in summary.failures:

@@ -20,6 +20,7 @@ merged ``predictions.json``, identical for 1 or N processes.
 from __future__ import annotations
 
 import glob
+import stat
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,19 +47,39 @@ class PredictionSummary:
 
     images: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
     predictions_file: Path | None = None
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[dict[str, str]]]:
+def _entry_kind(path: Path) -> str | None:
+    """None for a regular file (links followed), else what the folder entry is."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a dangling link" if path.is_symlink() else "gone"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket",
+             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    found = next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+    return f"a link to {found}" if path.is_symlink() else found
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[dict[str, str]], list[dict[str, str]]]:
     """Turn files, folders and glob patterns into a list of image files, in order.
 
-    Folders contribute their files with an image suffix (``.png``, ``.jpg``, ``.jpeg``),
-    sorted by name, not recursing; a glob contributes its matching files, sorted. A file
-    named explicitly is kept whatever its suffix (reading it decides). Each file appears
-    once. Inputs that name nothing become failures ``{"file", "error"}``.
+    Folders contribute their regular files (links followed) with an image suffix (``.png``,
+    ``.jpg``, ``.jpeg``), sorted by name, not recursing; their other regular files are ignored
+    and every entry that is not a regular file (directory, FIFO, socket, device, dangling link)
+    is returned in ``skipped`` ``{"file", "reason"}``. A glob contributes its matching files,
+    sorted. A file named explicitly is kept whatever its suffix (reading it decides). Each file
+    appears once. Inputs that name nothing become failures ``{"file", "error"}``.
     """
     paths: list[Path] = []
     failures: list[dict[str, str]] = []
+    skipped: list[dict[str, str]] = []
     seen: set[Path] = set()
 
     def add(path: Path) -> None:
@@ -71,7 +92,10 @@ def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[dict[s
         text = str(item)
         path = Path(text)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            entries = sorted(path.iterdir())
+            kinds = {p: _entry_kind(p) for p in entries}
+            skipped += [{"file": str(p), "reason": f"skipped: {kind}"} for p, kind in kinds.items() if kind]
+            found = [p for p in entries if kinds[p] is None and p.suffix.lower() in IMAGE_SUFFIXES]
             if not found:
                 failures.append({"file": text, "error": f"folder has no image files ({', '.join(IMAGE_SUFFIXES)})"})
             for p in found:
@@ -86,7 +110,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[dict[s
                 add(p)
         else:
             failures.append({"file": text, "error": "no such file or folder"})
-    return paths, failures
+    return paths, failures, skipped
 
 
 def rendered_names(paths: Sequence[Path]) -> list[str]:
@@ -161,13 +185,15 @@ def predict_files(
     *,
     annotations_dir: Path | None = None,
     input_failures: Sequence[dict[str, str]] = (),
+    skipped: Sequence[dict[str, str]] = (),
     checkpoint: str = "",
     write: Callable[[str], None] = tqdm.write,
 ) -> PredictionSummary:
     """Predict ``paths`` (this process's shard of them), render, gather, write the JSON.
 
     A file that cannot be read (or whose annotation cannot be parsed) is listed in
-    ``failures`` and the rest go on. ``write`` receives one summary line per image. Every
+    ``failures`` and the rest go on; ``skipped`` (folder entries that are not files) is kept
+    in the summary and the JSON. ``write`` receives one summary line per image. Every
     process returns the merged summary; only the main process writes ``predictions.json``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +235,7 @@ def predict_files(
     summary = PredictionSummary(
         images=[result for _, result, _ in merged if result is not None],
         failures=list(input_failures) + [failure for _, _, failure in merged if failure is not None],
+        skipped=list(skipped),
     )
     if accelerator.is_main_process:
         summary.predictions_file = atomic_write_json(out_dir / PREDICTIONS_NAME, {
@@ -218,6 +245,7 @@ def predict_files(
             "score_threshold": detector.score_threshold,
             "images": summary.images,
             "failures": summary.failures,
+            "skipped": summary.skipped,
         })
     accelerator.wait_for_everyone()
     return summary
