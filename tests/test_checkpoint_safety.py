@@ -142,3 +142,12 @@ def test_another_model_or_optimizer_is_refused_naming_the_checkpoint_s(accelerat
     for key, flag in (("model", "--model"), ("optimizer", "--optimizer")):
         with pytest.raises(CheckpointError, match=rf"holds a '{SETTINGS[key]}' {key}, but {flag} is 'other'"):
             load_checkpoint(accelerator, folder, parts, {**SETTINGS, key: "other"}, True)
+
+
+def test_other_sizes_or_data_on_resume_warn(accelerator, tmp_path, caplog):
+    folder = _checkpoint(accelerator, tmp_path)
+    parts = _parts()
+    with caplog.at_level(logging.WARNING, logger="distdet"):
+        load_checkpoint(accelerator, folder, parts, {**SETTINGS, "max_size": 128, "data_fingerprint": "other"}, True)
+    assert "--max-size 128 (the checkpoint was trained with 96)" in caplog.text
+    assert "training data whose files differ" in caplog.text
