@@ -15,6 +15,10 @@ saved checkpoint never holds NaN/inf and pruning (the newest ``keep``) never rem
 finite one in favour of a poisoned one. A save that fails (disk full) removes its temporary
 folder, keeps every earlier checkpoint and raises :class:`CheckpointError` saying how much
 space is left.
+
+A new kind of state (an EMA copy, say) is one more file written in :func:`_write_own_state`
+(JSON, or safetensors for tensors) and listed under its name in the marker's ``pieces``; the
+checksums cover it without further change.
 """
 from __future__ import annotations
 
@@ -185,8 +189,6 @@ def resolve_resume(resume: str, output_dir: Path | None) -> tuple[Path | None, P
     if path.is_dir() and checkpoint_step(path) is not None:
         raise FileNotFoundError(f"--resume {path}: the checkpoint is incomplete (no {COMPLETE_MARKER} marker)")
     raise FileNotFoundError(f"--resume {path}: not a checkpoint folder or a run folder with checkpoints")
-
-
 
 
 @dataclass
@@ -365,7 +367,7 @@ def _load_rng(path: Path, marker: dict[str, Any], rank: int, deterministic: bool
         if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
             torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
     except (CheckpointError, KeyError, TypeError, ValueError) as exc:
-        message = f"{exc if isinstance(exc, CheckpointError) else f'checkpoint {path}: {name} is not an RNG state ({exc})'}"
+        message = str(exc) if isinstance(exc, CheckpointError) else f"checkpoint {path}: {name} is not an RNG state ({exc})"
         if deterministic:
             raise CheckpointError(f"{message}; --deterministic cannot resume exactly without it") from exc
         logger.warning("%s; random streams continue from the seed, so this resume is not exact", message)
