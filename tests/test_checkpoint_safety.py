@@ -131,7 +131,7 @@ def test_truncated_rng_state_warns_or_is_refused_under_deterministic(accelerator
 
 def test_a_new_lr_on_resume_is_applied_and_reported(accelerator, tmp_path):
     folder = _checkpoint(accelerator, tmp_path)
-    (state, changes), parts = _load(accelerator, folder, lr=0.4)
+    (_, changes), parts = _load(accelerator, folder, lr=0.4)
     assert changes == {"initial_lr": [0.1, 0.4]}
     assert parts.scheduler.base_lrs == [0.4] and parts.optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
 

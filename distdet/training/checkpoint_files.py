@@ -98,7 +98,7 @@ def load_tensor_file(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(RNG_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling refusal or format error is reported alike
+    except Exception as exc:  # any unpickling refusal or format error is reported alike
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path.parent}: cannot read {path.name} safely: {first_line}") from exc
 
