@@ -1,5 +1,8 @@
 """train.py under faults and hostile run folders: corrupt and planted checkpoint files, weights
-that blow up, two runs in one folder, disk full, changed flags on resume, bad numeric flags."""
+that blow up, two runs in one folder, disk full, changed flags on resume, bad numeric flags.
+
+The multi-run tests are marked slow (``pytest -m slow``); the same checkpoint logic is tested
+in-process, in the default run, by tests/test_checkpoint_safety.py."""
 from __future__ import annotations
 
 import hashlib
@@ -46,6 +49,7 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow  # two or three training runs: 40-65 s on the shared 2-core machine
 def test_corrupt_latest_checkpoint_falls_back_and_rolled_back_steps_are_dropped(data_dir, tmp_path):
     out = tmp_path / "run"
     check_ok(_train(data_dir, out, "--epochs", "2", "--max-steps", "5", "--checkpoint-every", "2"))
@@ -63,6 +67,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_rolled_back_steps_are_dropped(
     assert not latest.exists() or (out / "checkpoints" / "step_000007").is_dir()
 
 
+@pytest.mark.slow  # two or three training runs: 40-65 s on the shared 2-core machine
 def test_planted_pickles_in_a_checkpoint_never_run(data_dir, tmp_path):
     out, pwned = tmp_path / "run", tmp_path / "pwned"
     check_ok(_train(data_dir, out, "--max-steps", "1"))
@@ -80,6 +85,7 @@ def test_planted_pickles_in_a_checkpoint_never_run(data_dir, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # two or three training runs: 40-65 s on the shared 2-core machine
 def test_weights_that_blow_up_never_end_in_exit_0_or_model_pt_nor_prune_the_good_checkpoint(data_dir, tmp_path):
     out = tmp_path / "run"
     check_ok(_train(data_dir, out, "--max-steps", "2", "--keep-checkpoints", "1"))
@@ -94,6 +100,7 @@ def test_weights_that_blow_up_never_end_in_exit_0_or_model_pt_nor_prune_the_good
     assert resolve_resume("auto", out)[0] == out / "checkpoints" / "step_000002"
 
 
+@pytest.mark.slow  # two or three training runs: 40-65 s on the shared 2-core machine
 def test_second_run_in_a_folder_is_refused_naming_the_holder_and_a_dead_one_does_not_block(data_dir, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(train_command([*FAST, "--data-dir", str(data_dir), "--output-dir", str(out),
@@ -113,6 +120,7 @@ def test_second_run_in_a_folder_is_refused_naming_the_holder_and_a_dead_one_does
     check_ok(_train(data_dir, out, "--epochs", "50", "--max-steps", "1", "--resume", "auto"))
 
 
+@pytest.mark.slow  # two or three training runs: 40-65 s on the shared 2-core machine
 def test_resume_with_changed_flags_applies_records_or_refuses(data_dir, tmp_path):
     out = tmp_path / "run"
     check_ok(_train(data_dir, out, "--max-steps", "2", "--lr", "0.01"))
@@ -163,6 +171,7 @@ def _tmpfs(path: Path, size: str) -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.slow  # two or three training runs: 40-65 s on the shared 2-core machine
 def test_disk_full_during_a_save_is_reported_cleaned_up_and_resumable(data_dir, tmp_path):
     """A real small filesystem (tmpfs): the first checkpoint (145 MB) fits, the second does not."""
     mount = tmp_path / "small"
