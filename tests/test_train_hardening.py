@@ -147,7 +147,7 @@ def test_pretrained_weights_offline_print_only_the_message(data_dir, tmp_path):
     assert done.returncode == 1 and "cannot be reached" in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--momentum", "nan"),
+@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "1e39"), ("--momentum", "nan"),
                                          ("--weight-decay", "nan"), ("--clip-grad-norm", "nan"),
                                          ("--dist-timeout", "nan"), ("--min-size", "0"), ("--min-size", "-5"),
                                          ("--max-size", "0")])

@@ -336,6 +336,10 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         raise  # unreachable: parser.error exits
 
 
+#: The largest float32: a larger step size makes torch's optimizers fail with a traceback.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise ValueError naming the flag for values no training run can use (NaN and infinity included)."""
     for name, value in cfg.to_dict().items():
@@ -351,8 +355,9 @@ def validate(cfg: TrainConfig) -> None:
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise ValueError(f"{flag_name(name)} must not be negative, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    if not 0 < cfg.lr <= FLOAT32_MAX:
+        raise ValueError(f"--lr must be positive and at most {FLOAT32_MAX:.3g} (the optimizer's float32 step), "
+                         f"got {cfg.lr}")
     if not 0.0 < cfg.test_fraction < 1.0:
         raise ValueError(f"--test-fraction must be in (0, 1), got {cfg.test_fraction}")
     if not 0.0 <= cfg.val_fraction < 1.0:
