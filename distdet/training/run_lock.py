@@ -3,7 +3,10 @@
 The lock belongs to the open file, so the kernel drops it when the process ends however it
 ends (exit, crash, SIGKILL, node reboot): a stale lock file from a dead process never blocks
 a requeued Slurm job; only a live holder does. The file names its holder (host, pid, Slurm
-job, start time) so the run that is refused can say who has the folder.
+job, start time) so the run that is refused can say who has the folder. (On NFS, where Linux
+maps ``flock`` to a server-side lock, a lock held by a node that crashed lasts until the
+server's lease for that node expires, typically 90 s.) DataLoader workers forked while the
+lock is held share it and end with their parent.
 """
 from __future__ import annotations
 
