@@ -24,6 +24,21 @@ def write_failure_cause(error: BaseException | None, free_during: int) -> str:
     return text
 
 
+def write_failed(path: Path, error: BaseException, free_during: int) -> WriteFailed:
+    """The error for a failed write of ``path``: the cause and the bytes now free."""
+    return WriteFailed(f"cannot write {path}: {write_failure_cause(error, free_during)} "
+                       f"({shutil.disk_usage(path.parent).free} bytes free in {path.parent})")
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` and a newline to ``path``; raise :class:`WriteFailed` naming it if that fails."""
+    try:
+        with open(path, "a") as handle:
+            handle.write(line + "\n")
+    except OSError as exc:
+        raise write_failed(path, exc, shutil.disk_usage(path.parent).free) from exc
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, then rename.
 
@@ -41,10 +56,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
-        cause = write_failure_cause(exc, shutil.disk_usage(path.parent).free)
+        free_during = shutil.disk_usage(path.parent).free
         tmp.unlink(missing_ok=True)
-        raise WriteFailed(f"cannot write {path}: {cause} ({shutil.disk_usage(path.parent).free} bytes free in "
-                          f"{path.parent})") from exc
+        raise write_failed(path, exc, free_during) from exc
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from distdet.io_utils import WriteFailed, append_line
 from distdet.training.checkpoint_files import CheckpointError, read_marker, write_marker
 from distdet.training.checkpoints import (
     Trainables, TrainerState, load_checkpoint, resolve_resume, save_checkpoint,
@@ -151,3 +152,10 @@ def test_other_sizes_or_data_on_resume_warn(accelerator, tmp_path, caplog):
         load_checkpoint(accelerator, folder, parts, {**SETTINGS, "max_size": 128, "data_fingerprint": "other"}, True)
     assert "--max-size 128 (the checkpoint was trained with 96)" in caplog.text
     assert "training data whose files differ" in caplog.text
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_disk_full_on_a_log_append_names_the_file():
+    """/dev/full fails every write with ENOSPC, as a full disk does."""
+    with pytest.raises(WriteFailed, match=r"cannot write /dev/full: No space left on device"):
+        append_line(Path("/dev/full"), "{}")

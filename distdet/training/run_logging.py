@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.tracking import filter_trackers
 from tqdm.auto import tqdm
 
-from distdet.io_utils import atomic_write
+from distdet.io_utils import append_line, atomic_write
 
 METRICS_NAME = "metrics.jsonl"
 EVENTS_NAME = "events.jsonl"
@@ -56,8 +56,7 @@ class RunLog:
     def _append(self, name: str, record: dict[str, Any]) -> None:
         if not self.active:
             return
-        with open(self.run_dir / name, "a") as handle:
-            handle.write(json.dumps(record, default=str) + "\n")
+        append_line(self.run_dir / name, json.dumps(record, default=str))
 
     def metrics(self, kind: str, step: int, values: dict[str, Any], **extra: Any) -> None:
         """Append a metrics record and send its numbers to TensorBoard under ``kind/``."""
