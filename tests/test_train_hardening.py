@@ -89,13 +89,14 @@ def test_planted_pickles_in_a_checkpoint_never_run(data_dir, tmp_path):
 def test_weights_that_blow_up_never_end_in_exit_0_or_model_pt_nor_prune_the_good_checkpoint(data_dir, tmp_path):
     out = tmp_path / "run"
     check_ok(_train(data_dir, out, "--max-steps", "2", "--keep-checkpoints", "1"))
+    good_weights = (out / "model.pt").read_bytes()
     # lr 1e38 (5e37 at the resumed step of the warmup) takes float32 weights past their range with the
     # first update after the resume; every later loss is NaN and skipped, and fewer than --max-bad-steps remain
     done = _train(data_dir, out, "--resume", "auto", "--lr", "1e38", "--max-steps", "5", "--max-bad-steps", "10",
                   "--keep-checkpoints", "1", "--checkpoint-every", "1")
     assert done.returncode == 1, done.stderr[-3000:]
     assert "non-finite weights or optimizer state" in done.stderr and "Traceback" not in done.stderr
-    assert not (out / "model.pt").exists()
+    assert (out / "model.pt").read_bytes() == good_weights  # not overwritten with the NaN weights
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]  # the good one is kept
     assert resolve_resume("auto", out)[0] == out / "checkpoints" / "step_000002"
 
