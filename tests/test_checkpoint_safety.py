@@ -159,3 +159,13 @@ def test_disk_full_on_a_log_append_names_the_file():
     """/dev/full fails every write with ENOSPC, as a full disk does."""
     with pytest.raises(WriteFailed, match=r"cannot write /dev/full: No space left on device"):
         append_line(Path("/dev/full"), "{}")
+
+
+def test_pruning_keeps_the_checkpoint_a_run_resumed_from(accelerator, tmp_path):
+    source = _checkpoint(accelerator, tmp_path, step=1)
+    _load(accelerator, source)  # a resume from step 1 notes it in checkpoints/RESUMED_FROM
+    for step in (2, 3):
+        _checkpoint(accelerator, tmp_path, step=step)  # keep=3 ...
+    parts = _parts()
+    save_checkpoint(accelerator, tmp_path, TrainerState(global_step=4), 1, parts, SETTINGS)  # ... now keep=1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step_000001", "step_000004"]

@@ -12,9 +12,10 @@ files all match their checksums, naming each one it passes over.
 
 Weights and optimizer state are checked finite before every save and after every load, so a
 saved checkpoint never holds NaN/inf and pruning (the newest ``keep``) never removes the last
-finite one in favour of a poisoned one. A save that fails (disk full) removes its temporary
-folder, keeps every earlier checkpoint and raises :class:`CheckpointError` saying how much
-space is left.
+finite one in favour of a poisoned one, nor the checkpoint a run resumed from (``RESUMED_FROM``):
+a resumed run that goes wrong leaves the last checkpoint from before it. A save that fails
+(disk full) removes its temporary folder, keeps every earlier checkpoint and raises
+:class:`CheckpointError` saying how much space is left.
 
 A new kind of state (an EMA copy, say) is one more file written in :func:`_write_own_state`
 (JSON, or safetensors for tensors) and listed under its name in the marker's ``pieces``; the
@@ -58,6 +59,10 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
 SCHEDULER_NAME = "scheduler.json"
 SETTINGS_NAME = "run_settings.json"
+#: ``checkpoints/RESUMED_FROM``: the checkpoint the latest resume loaded. Pruning never removes
+#: it, so weights that go wrong after a resume (diverging, or finite garbage) cannot cost the
+#: last checkpoint from before it; the next resume moves the note to its own source.
+RESUMED_NAME = "RESUMED_FROM"
 _NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -288,8 +293,21 @@ def _prune(folder: Path, current: Path, keep: int) -> None:
         elif path.is_dir() and (checkpoint_step(path) if checkpoint_step(path) is not None else -1) > current_step:
             logger.warning("removing checkpoint %s: newer than the run's current step %d", path, current_step)
             shutil.rmtree(path, ignore_errors=True)
+    protected = _resumed_from(folder)
     for path in complete_checkpoints(folder.parent)[:-keep]:
+        if path.name == protected:
+            logger.info("keeping %s: the checkpoint this run resumed from", path)
+            continue
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _resumed_from(folder: Path) -> str | None:
+    """The name of the checkpoint the current run resumed from (see :data:`RESUMED_NAME`), if any."""
+    try:
+        name = read_json(folder / RESUMED_NAME, "resume note").get("checkpoint")
+    except (ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def read_settings(path: Path) -> dict[str, Any]:
@@ -330,6 +348,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path, parts: Trainables, set
     if agree_any(accelerator, [error is not None])[0]:
         raise error or CheckpointError(f"checkpoint {path}: another rank could not load its part")
     check_finite(accelerator, parts, f"checkpoint {path} loaded")
+    if accelerator.is_main_process:
+        atomic_write_json(path.parent / RESUMED_NAME, {"checkpoint": path.name, "time": time.time()})
     return state, apply_hyperparameters(parts.optimizer, parts.scheduler, wanted)
 
 
