@@ -13,7 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdet.runtime.options import DEFAULT_DIST_TIMEOUT_S, MIXED_PRECISION_CHOICES, add_hidden_alias, positive_float
+from distdet.runtime.options import (
+    DEFAULT_DIST_TIMEOUT_S,
+    MIXED_PRECISION_CHOICES,
+    add_hidden_alias,
+    old_spelling,
+    positive_float,
+)
 
 MODEL_DIR_METAVAR = "MODEL_DIR"
 MODEL_DIR_HELP = ("model folder (model.pt + model_card.json: a run folder or its best/) or a model.pt "
@@ -23,7 +29,7 @@ MODEL_DIR_HELP = ("model folder (model.pt + model_card.json: a run folder or its
 def add_model_dir(container: argparse._ActionsContainer, *, required: bool) -> None:
     """``--model-dir`` (hidden old spelling ``--checkpoint``); with ``required`` one of them must be given."""
     group = container.add_mutually_exclusive_group(required=required) if required else container
-    group.add_argument("--model-dir", metavar=MODEL_DIR_METAVAR, help=MODEL_DIR_HELP)
+    group.add_argument("--model-dir", metavar=MODEL_DIR_METAVAR, help=old_spelling(MODEL_DIR_HELP, "--checkpoint"))
     add_hidden_alias(group, "--checkpoint", "model_dir")
 
 
@@ -32,7 +38,8 @@ def add_output(parser: argparse.ArgumentParser, option: str, help: str, *, requi
     dest = option.lstrip("-").replace("-", "_")
     metavar = "DIR" if option == "--output-dir" else "FILE"
     group = parser.add_mutually_exclusive_group(required=True) if required else parser
-    group.add_argument(option, type=Path, metavar=metavar, help=help, **({} if required else {"default": None}))
+    group.add_argument(option, type=Path, metavar=metavar, help=old_spelling(help, "--out"),
+                       **({} if required else {"default": None}))
     add_hidden_alias(group, "--out", dest, type=Path)
 
 

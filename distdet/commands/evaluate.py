@@ -14,7 +14,7 @@ from distdet.classes import CLASS_NAMES
 from distdet.commands.arguments import add_model_dir, add_output, add_runtime_options, build_command_accelerator
 from distdet.data.records import ImageRecord
 from distdet.data.splits import SPLIT_NAMES, SPLIT_PARTS
-from distdet.runtime.options import add_hidden_alias, non_negative_int, positive_int, probability
+from distdet.runtime.options import add_hidden_alias, non_negative_int, old_spelling, positive_int, probability
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "split manifest recorded in its model card when both still exist, else the "
                              "synthetic default dataset")
     parser.add_argument("--split-part", choices=SPLIT_PARTS, default="test",
-                        help="part of the split to evaluate, or all images (default: test)")
+                        help=old_spelling("part of the split to evaluate, or all images (default: test)", "--split"))
     add_hidden_alias(parser, "--split", "split_part", choices=SPLIT_PARTS)
     parser.add_argument("--split-scheme", choices=SPLIT_NAMES, default="tutorial",
                         help="how the split is made when no manifest is given (default: tutorial, the last 170 "
@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                        "<file>-eval-<part> next to the file for --predictions)")
     parser.add_argument("--batch-size", type=positive_int, default=2, help="images per forward pass (default: 2)")
     parser.add_argument("--workers", type=non_negative_int, default=0,
-                        help="DataLoader worker processes per process (default: 0)")
+                        help=old_spelling("DataLoader worker processes per process (default: 0)", "--num-workers"))
     add_hidden_alias(parser, "--num-workers", "workers", type=non_negative_int)
     add_runtime_options(parser)
     parser.add_argument("--box-score-thresh", type=probability, default=None,

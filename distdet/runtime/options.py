@@ -58,10 +58,16 @@ def probability(text: str) -> float:
     return value
 
 
+def old_spelling(help: str, old: str) -> str:
+    """``help`` followed by the note that names an option's old spelling (kept for one release)."""
+    return f"{help} (old spelling: {old})"
+
+
 def add_hidden_alias(container: argparse._ActionsContainer, old: str, dest: str, **kwargs) -> None:
-    """Accept the old spelling ``old`` for the option stored in ``dest``, without listing it in ``--help``.
+    """Accept the old spelling ``old`` for the option stored in ``dest``, without listing it as an option.
 
     ``container`` is a parser, an argument group or a mutually exclusive group; ``kwargs``
     repeat what the option needs to parse a value (``type``, ``choices``, ``nargs``, ``action``).
+    The new option's help names the old spelling through :func:`old_spelling`.
     """
     container.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)

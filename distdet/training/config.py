@@ -22,7 +22,7 @@ import yaml
 from distdet.data.splits import SPLIT_NAMES
 from distdet.data.presets import PRESETS
 from distdet.modeling.names import MODEL_NAMES
-from distdet.runtime.options import DEFAULT_DIST_TIMEOUT_S, MIXED_PRECISION_CHOICES, add_hidden_alias
+from distdet.runtime.options import DEFAULT_DIST_TIMEOUT_S, MIXED_PRECISION_CHOICES, add_hidden_alias, old_spelling
 
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("multistep", "cosine")
@@ -225,6 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         meta = f.metadata
         default = _default(f)
         help_text = meta["help"] + (f" (default: {default})" if default not in (None, []) else "")
+        if meta["old_name"] is not None:
+            help_text = old_spelling(help_text, flag_name(meta["old_name"]))
         kwargs = _parse_kwargs(f)
         metavar = meta["metavar"] or ("VALUE" if meta["item_type"] is not None else None)
         if metavar is not None and "action" not in kwargs:
