@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     policy of :func:`distdet.runtime.accelerator.finish_process`."""
     args = build_parser().parse_args(argv)
     status = int(args.func(args) or 0)
-    from distdet.runtime.accelerator import finish_process
+    from distdet.runtime.accelerator import finish_process  # after parsing: --help needs no torch
 
     return finish_process(status)
 

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``train.py``: the ``train`` subcommand's parser (as ``train.py``), :func:`run` and the exit policy."""
-    from distdet.runtime.accelerator import finish_process
+    args = build_parser().parse_args(argv)
+    from distdet.runtime.accelerator import finish_process  # after parsing: --help needs no torch
 
-    return finish_process(run(build_parser().parse_args(argv)))
+    return finish_process(run(args))
