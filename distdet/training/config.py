@@ -198,10 +198,6 @@ def _scalar_type(f: dataclasses.Field) -> type:
     return str
 
 
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
 def _parse_kwargs(f: dataclasses.Field) -> dict[str, Any]:
     """How argparse reads the field's value (type, nargs or action, choices)."""
     meta = f.metadata
@@ -223,7 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata
-        default = _default(f)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_text = meta["help"] + (f" (default: {default})" if default not in (None, []) else "")
         if meta["old_name"] is not None:
             help_text = old_spelling(help_text, flag_name(meta["old_name"]))
