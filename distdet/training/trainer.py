@@ -185,17 +185,17 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
     lr = effective_lr(cfg, global_batch)
     model, optimizer, scheduler = _model_and_optimizer(cfg, accelerator, lr, steps_per_epoch)
     state = TrainerState(world_size=world, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps)
-    resume_changes: dict[str, Any] = {}
+    settings, resume_changes = run_settings(cfg, data.train_records), {}
     if resume_from is not None:
         state, resume_changes = _resume(accelerator, resume_from, state, Trainables(model, optimizer, scheduler),
-                                        run_settings(cfg, data.train_records), cfg.deterministic)
+                                        settings, cfg.deterministic)
 
     resolved = {"effective_lr": lr, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
                 "warmup_steps": resolve_warmup_steps(cfg, steps_per_epoch), "world_size": world,
                 "device": str(accelerator.device), "distributed_type": str(accelerator.distributed_type),
                 "mixed_precision": accelerator.mixed_precision, "data_dir": str(data.data_dir),
                 "train_images": len(data.train), "val_images": len(data.val or []), "test_images": len(data.test),
-                "data_fingerprint": run_settings(cfg, data.train_records)["data_fingerprint"],
+                "data_fingerprint": settings["data_fingerprint"],
                 "resume_changes": resume_changes}
     if accelerator.is_main_process:
         _write_config(run_dir, cfg, resolved, data)
