@@ -120,17 +120,23 @@ def test_clock_without_a_change_gives_the_plain_step_schedule():
 def test_schedule_continues_by_epochs_across_a_change(schedule, old_spe, new_spe):
     cfg = TrainConfig(epochs=4, warmup_steps=8, lr_schedule=schedule, lr_milestones=[2, 3])
     old = ScheduleClock.fresh(old_spe)
+    before = schedule_factor_fn(cfg, old)
     for change_at in (3, old_spe + 1, 2 * old_spe + 1):
-        new = old.rebased(change_at, new_spe)
-        before, after = schedule_factor_fn(cfg, old), schedule_factor_fn(cfg, new)
+        epoch = change_at // old_spe
+        steps_left = math.ceil((epoch + 1 - change_at / old_spe) * new_spe)  # rounded up: a short last step
+        new = old.rebased(change_at, epoch, steps_left, new_spe)
+        after = schedule_factor_fn(cfg, new)
         assert after(change_at) == pytest.approx(before(change_at), rel=1e-9)
-        # afterwards the factor is the old schedule's at the same progress in epochs
-        for later in range(1, 3 * new_spe):
-            epochs = new.epochs(change_at + later)
-            assert epochs == pytest.approx(change_at / old_spe + later / new_spe)
-            old_step = epochs * old_spe
-            if float(old_step).is_integer():
-                assert after(change_at + later) == pytest.approx(before(int(old_step)), rel=1e-9)
+        assert new.epochs(change_at + steps_left) == epoch + 1  # the next epoch starts on a whole number
+        # from there on the factor is the old schedule's at the same progress in epochs
+        for later in range(3 * new_spe):
+            epochs = new.epochs(change_at + steps_left + later)
+            assert epochs == pytest.approx(epoch + 1 + later / new_spe)
+            if float(epochs * old_spe).is_integer():
+                assert after(change_at + steps_left + later) == pytest.approx(before(int(epochs * old_spe)), rel=1e-9)
+        # and in between it moves monotonically from the one to the other
+        inside = [new.epochs(change_at + k) for k in range(steps_left + 1)]
+        assert inside == sorted(inside) and inside[0] == pytest.approx(change_at / old_spe)
 
 
 def _sgd_scheduler(lr: float, cfg: TrainConfig, spe: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -145,12 +151,13 @@ def test_rebased_scheduler_applies_the_new_base_rate_and_keeps_stepping():
         scheduler.optimizer.step()
         scheduler.step()
     factor_before = scheduler.get_last_lr()[0] / 0.02
-    rebase_scheduler(scheduler, cfg, ScheduleClock.fresh(8).rebased(5, 3), base_lr=0.03)
+    rebase_scheduler(scheduler, cfg, ScheduleClock.fresh(8).rebased(5, 0, 2, 3), base_lr=0.03)
     group = scheduler.optimizer.param_groups[0]
     assert group["lr"] == pytest.approx(0.03 * factor_before) and group["initial_lr"] == 0.03
     scheduler.optimizer.step()
     scheduler.step()
-    assert scheduler.get_last_lr()[0] == pytest.approx(0.03 * 0.5 * (1 + math.cos(math.pi * (5 / 8 + 1 / 3) / 4)))
+    # 3 of 8 steps of epoch 0 were left, taken in 2 steps: one of them brings progress to 5/8 + 3/16
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.03 * 0.5 * (1 + math.cos(math.pi * (5 / 8 + 3 / 16) / 4)))
 
 
 def _resume(saved: TrainerState, cfg: TrainConfig, world: int, rank: int, size: int = 12):
@@ -175,6 +182,7 @@ def test_resume_plan_from_two_processes_to_three():
     assert state.earlier_segments == [{"epoch": 1, "steps": 1, **layout_fields(old_cfg, 2)}]
     assert change.message() == "resuming 3 processes from a 2-process checkpoint at epoch 1, step 1: 6 samples left in this epoch"
     assert state.schedule["anchor_epochs"] == 1.5 and state.schedule["steps_per_epoch"] == 2
+    assert (state.schedule["boundary_step"], state.schedule["boundary_epoch"]) == (4, 2)  # 1 step for the 6 left
     assert change.to_json()["new_global_batch"] == 6 and change.to_json()["old_global_batch"] == 6
     assert scheduler.base_lrs == [0.03]  # the base rate given by the new run's global-batch rule
     rest = [i for _, _, sampler, _ in results for b in sampler.epoch_batches() for i in b]

@@ -29,6 +29,7 @@ Hence nothing is warned about.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -138,7 +139,8 @@ def continue_on_layout(saved: TrainerState, current: TrainerState, checkpoint: s
     old_clock = (ScheduleClock.from_json(saved.schedule) if saved.schedule else
                  ScheduleClock.fresh(steps_per_epoch(context.sampler.dataset_size,
                                                      batch_layout(old, context.aspect_ratios), old["seed"])))
-    clock = old_clock.rebased(context.scheduler.last_epoch, new_spe)
+    steps_left = math.ceil(len(context.sampler.epoch_batches()) / current.grad_accum_steps)
+    clock = old_clock.rebased(context.scheduler.last_epoch, saved.epoch, steps_left, new_spe)
     old_lr = context.scheduler.base_lrs[0]
     rebase_scheduler(context.scheduler, context.cfg, clock, context.base_lr)
     resumed = replace(resumed, schedule=clock.to_json())

@@ -69,19 +69,25 @@ def resolve_warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 @dataclass(frozen=True)
 class ScheduleClock:
-    """Turns the scheduler's step count into a position in optimizer steps of the current layout.
+    """Turns the scheduler's step count into training progress in epochs, and into a position
+    in optimizer steps of the current layout.
 
-    ``steps_per_epoch`` is the current layout's; ``warmup_steps_per_epoch`` the layout's the run
-    started with (``--warmup-steps`` counts its steps); at scheduler step ``anchor_step`` the run
-    had trained ``anchor_epochs`` epochs. Without a layout change (anchor 0, one layout) the
-    position is the step count itself, so the factors are exactly those of a run that never
-    changed layout.
+    ``steps_per_epoch`` is the current layout's; ``warmup_steps_per_epoch`` that of the layout
+    the run started with (``--warmup-steps`` counts its steps). After a resume on another layout
+    at scheduler step ``anchor_step`` with ``anchor_epochs`` done, the rest of that epoch takes
+    the steps up to ``boundary_step``, where epoch ``boundary_epoch`` begins: progress is
+    interpolated linearly in between (the stretch's last step may be a short one), then counts
+    ``1 / steps_per_epoch`` per step, so epoch boundaries stay whole numbers. Without a layout
+    change (all anchors 0) the position is the step count itself: exactly the factors of a run
+    that never changed layout.
     """
 
     steps_per_epoch: int
     warmup_steps_per_epoch: int
     anchor_step: int = 0
     anchor_epochs: float = 0.0
+    boundary_step: int = 0
+    boundary_epoch: int = 0
 
     @classmethod
     def fresh(cls, steps_per_epoch: int) -> "ScheduleClock":
@@ -90,20 +96,23 @@ class ScheduleClock:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ScheduleClock":
         return cls(int(data["steps_per_epoch"]), int(data["warmup_steps_per_epoch"]), int(data["anchor_step"]),
-                   float(data["anchor_epochs"]))
+                   float(data["anchor_epochs"]), int(data["boundary_step"]), int(data["boundary_epoch"]))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def position(self, step: int) -> float:
-        """Optimizer steps of the current layout that correspond to the progress at ``step``."""
-        if self.anchor_step == 0 and self.anchor_epochs == 0.0:
-            return step
-        return self.anchor_epochs * self.steps_per_epoch + (step - self.anchor_step)
-
     def epochs(self, step: int) -> float:
         """Training progress in epochs at scheduler step ``step``."""
-        return self.anchor_epochs + (step - self.anchor_step) / self.steps_per_epoch
+        if step < self.boundary_step:
+            done = (step - self.anchor_step) / (self.boundary_step - self.anchor_step)
+            return self.anchor_epochs + done * (self.boundary_epoch - self.anchor_epochs)
+        return self.boundary_epoch + (step - self.boundary_step) / self.steps_per_epoch
+
+    def position(self, step: int) -> float:
+        """Optimizer steps of the current layout that correspond to the progress at ``step``."""
+        if self == ScheduleClock.fresh(self.steps_per_epoch):
+            return step
+        return self.epochs(step) * self.steps_per_epoch
 
     def warmup(self, cfg: TrainConfig) -> float:
         """The warmup length in optimizer steps of the current layout."""
@@ -112,9 +121,11 @@ class ScheduleClock:
             return steps
         return steps * self.steps_per_epoch / self.warmup_steps_per_epoch
 
-    def rebased(self, step: int, steps_per_epoch: int) -> "ScheduleClock":
-        """The clock of a layout with ``steps_per_epoch`` steps per epoch, taking over at ``step``."""
-        return ScheduleClock(steps_per_epoch, self.warmup_steps_per_epoch, step, self.epochs(step))
+    def rebased(self, step: int, epoch: int, steps_left: int, steps_per_epoch: int) -> "ScheduleClock":
+        """The clock of a layout with ``steps_per_epoch`` steps per epoch, taking over at ``step``
+        in epoch ``epoch``, of which it has ``steps_left`` steps to train."""
+        return ScheduleClock(steps_per_epoch, self.warmup_steps_per_epoch, step, self.epochs(step),
+                             step + steps_left, epoch + 1)
 
 
 def lr_factor_fn(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:

@@ -207,10 +207,6 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
             return remaining_after(epoch_order(self.dataset_size, list_seed, self.epoch, self.shuffle), stretches)
         return epoch_order(self.dataset_size, self.seed, self.epoch, self.shuffle)
 
-    def rank_indices(self, rank: int) -> list[int]:
-        """Rank ``rank``'s share of the current epoch's list."""
-        return shard(self.epoch_list(), self.layout.world_size, rank)
-
     def epoch_batches(self) -> list[list[int]]:
         """All of this rank's batches for the current epoch (ignoring the start offset)."""
         if self._cache is None or self._cache[0] != self.epoch:
