@@ -167,7 +167,8 @@ def _resume(saved: TrainerState, cfg: TrainConfig, world: int, rank: int, size: 
     scheduler = _sgd_scheduler(0.01, cfg, spe)
     scheduler.last_epoch = saved.updates  # what load_state restores
     current = TrainerState(**layout_fields(cfg, world), schedule=ScheduleClock.fresh(spe).to_json())
-    state, change = continue_on_layout(saved, current, "ckpt", ResumeContext(cfg, sampler, scheduler, 0.01 * world, [1.0] * size))
+    context = ResumeContext(cfg, sampler, scheduler, 0.01 * world, [1.0] * size)
+    state, change = continue_on_layout(saved, current, "ckpt", context)
     return state, change, sampler, scheduler
 
 
@@ -180,7 +181,8 @@ def test_resume_plan_from_two_processes_to_three():
     state, change, _, scheduler = results[0]
     assert (state.world_size, state.batch_size, state.step_in_epoch, state.epoch) == (3, 2, 0, 1)
     assert state.earlier_segments == [{"epoch": 1, "steps": 1, **layout_fields(old_cfg, 2)}]
-    assert change.message() == "resuming 3 processes from a 2-process checkpoint at epoch 1, step 1: 6 samples left in this epoch"
+    assert change.message() == ("resuming 3 processes from a 2-process checkpoint at epoch 1, step 1: "
+                                "6 samples left in this epoch")
     assert state.schedule["anchor_epochs"] == 1.5 and state.schedule["steps_per_epoch"] == 2
     assert (state.schedule["boundary_step"], state.schedule["boundary_epoch"]) == (4, 2)  # 1 step for the 6 left
     assert change.to_json()["new_global_batch"] == 6 and change.to_json()["old_global_batch"] == 6
@@ -206,3 +208,11 @@ def test_older_trainer_state_without_layout_details_loads(tmp_path):
                                 "best_step": None, "world_size": 2, "batch_size": 2, "grad_accum_steps": 1}))
     state = TrainerState.from_file(path)
     assert (state.epoch, state.seed, state.earlier_segments, state.schedule) == (2, None, [], None)
+
+
+def test_older_checkpoint_without_a_clock_resumes_on_another_layout():
+    """No ``schedule`` saved: the old layout's steps per epoch are recomputed from the layout."""
+    saved = TrainerState(epoch=1, step_in_epoch=1, global_step=3, updates=3, world_size=2, batch_size=3)
+    state, change, _, _ = _resume(saved, TrainConfig(batch_size=2), 3, 0)
+    assert change.old_steps_per_epoch == 2 and state.schedule["anchor_epochs"] == 1.5
+    assert change.old["seed"] == TrainConfig().seed  # missing layout fields: taken as unchanged

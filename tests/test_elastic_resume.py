@@ -47,11 +47,13 @@ def _args(data_dir: Path, out: Path, batch_size: int, *extra: str) -> list[str]:
 
 
 def _samples(out: Path) -> dict[int, list[dict]]:
-    return {int(p.stem.removeprefix("samples_rank")): read_jsonl(p) for p in (out / "debug").glob("samples_rank*.jsonl")}
+    files = (out / "debug").glob("samples_rank*.jsonl")
+    return {int(p.stem.removeprefix("samples_rank")): read_jsonl(p) for p in files}
 
 
 def _trained(out: Path, epoch: int) -> Counter:
-    return Counter(i for records in _samples(out).values() for r in records if r["epoch"] == epoch for i in r["image_ids"])
+    records = [r for per_rank in _samples(out).values() for r in per_rank if r["epoch"] == epoch]
+    return Counter(i for r in records for i in r["image_ids"])
 
 
 def _assert_ranks(out: Path, processes: int) -> None:
@@ -88,7 +90,8 @@ def test_two_to_three_processes_with_another_batch_size(data_dir, tmp_path):
     _assert_next_epoch_is_a_fresh_runs(out, 1, batch_size=2, processes=3)
 
     change = [e for e in read_jsonl(out / "events.jsonl") if e["event"] == "layout_changed"]
-    assert len(change) == 1 and change[0]["old_layout"]["world_size"] == 2 and change[0]["new_layout"]["batch_size"] == 2
+    assert len(change) == 1
+    assert (change[0]["old_layout"]["world_size"], change[0]["new_layout"]["batch_size"]) == (2, 2)
     assert json.loads((out / "config.json").read_text())["resolved"]["layout_change"]["samples_left"] == 6
     train = _train_records(out)
     assert [r["step"] for r in train] == [1, 2, 3, 4]  # 1 step, 1 step for the 6 left, 2 in epoch 1
@@ -110,7 +113,8 @@ def test_three_to_one_process_with_accumulation_keeps_the_warmup_by_epochs(data_
     _assert_ranks(out, 3)
     done = check_ok(run(_command(1, _args(data_dir, out, 2, *schedule, "--resume", "auto"))))
     _assert_ranks(out, 1)
-    assert "resuming 1 process from a 3-process checkpoint at epoch 0, step 1: 6 samples left in this epoch" in done.stderr
+    assert ("resuming 1 process from a 3-process checkpoint at epoch 0, step 1: 6 samples left in this epoch"
+            in done.stderr)
     assert _trained(out, 0) == Counter(range(TRAIN_IMAGES)) == _trained(out, 1)
     _assert_next_epoch_is_a_fresh_runs(out, 1, batch_size=2, processes=1)
 

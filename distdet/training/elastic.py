@@ -38,7 +38,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from distdet.training.checkpoints import TrainerState
 from distdet.training.config import TrainConfig
 from distdet.training.optim import ScheduleClock, rebase_scheduler
-from distdet.training.sampling import BatchLayout, EpochBatchSampler, TrainedStretch, aspect_ratio_groups, steps_per_epoch
+from distdet.training.sampling import (
+    BatchLayout, EpochBatchSampler, TrainedStretch, aspect_ratio_groups, steps_per_epoch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,23 +135,32 @@ def continue_on_layout(saved: TrainerState, current: TrainerState, checkpoint: s
         return resumed, None
     if saved.step_in_epoch:
         segments.append({"epoch": saved.epoch, "steps": saved.step_in_epoch, **old})
-    resumed = replace(saved, **new, step_in_epoch=0, earlier_segments=segments)
     _tell_sampler(context, saved.epoch, segments)
-    new_spe = current.schedule["steps_per_epoch"]
+    old_lr = context.scheduler.base_lrs[0]
+    old_clock, clock = _continue_schedule(saved, old, current, context)
+    resumed = replace(saved, **new, step_in_epoch=0, earlier_segments=segments, schedule=clock.to_json())
+    change = LayoutChange(checkpoint, saved.epoch, sum(s["steps"] for s in segments),
+                          len(context.sampler.epoch_list()), old, new, old_lr, context.base_lr,
+                          old_clock.steps_per_epoch, clock.steps_per_epoch, clock.to_json())
+    logger.info("%s", change.message())
+    logger.info("%s", change.details())
+    return resumed, change
+
+
+def _continue_schedule(saved: TrainerState, old: dict[str, int], current: TrainerState,
+                       context: ResumeContext) -> tuple[ScheduleClock, ScheduleClock]:
+    """Re-anchor the scheduler for the new layout; return the old and the new clock.
+
+    A checkpoint without a clock ran on its saved layout from step 0.
+    """
     old_clock = (ScheduleClock.from_json(saved.schedule) if saved.schedule else
                  ScheduleClock.fresh(steps_per_epoch(context.sampler.dataset_size,
                                                      batch_layout(old, context.aspect_ratios), old["seed"])))
     steps_left = math.ceil(len(context.sampler.epoch_batches()) / current.grad_accum_steps)
-    clock = old_clock.rebased(context.scheduler.last_epoch, saved.epoch, steps_left, new_spe)
-    old_lr = context.scheduler.base_lrs[0]
+    clock = old_clock.rebased(context.scheduler.last_epoch, saved.epoch, steps_left,
+                              current.schedule["steps_per_epoch"])
     rebase_scheduler(context.scheduler, context.cfg, clock, context.base_lr)
-    resumed = replace(resumed, schedule=clock.to_json())
-    change = LayoutChange(checkpoint, saved.epoch, sum(s["steps"] for s in segments),
-                          len(context.sampler.epoch_list()), old, new, old_lr, context.base_lr,
-                          old_clock.steps_per_epoch, new_spe, clock.to_json())
-    logger.info("%s", change.message())
-    logger.info("%s", change.details())
-    return resumed, change
+    return old_clock, clock
 
 
 def _tell_sampler(context: ResumeContext, epoch: int, segments: list[dict[str, int]]) -> None:

@@ -176,7 +176,8 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         if dataset_size < num_replicas:
             raise ValueError(f"{dataset_size} training images cannot be shared among {num_replicas} processes")
         # how batches are cut; accumulation does not change them (it only groups them into steps)
-        self.layout = BatchLayout(num_replicas, batch_size, group_ids=tuple(group_ids) if group_ids is not None else None)
+        groups = tuple(group_ids) if group_ids is not None else None
+        self.layout = BatchLayout(num_replicas, batch_size, group_ids=groups)
         self.dataset_size = dataset_size
         self.rank = rank
         self.seed = seed
