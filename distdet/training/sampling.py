@@ -203,10 +203,10 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def epoch_list(self) -> list[int]:
         """What the current epoch still has to train, before sharding (all of it unless :meth:`set_trained`)."""
-        if self._trained is not None and self._trained[0] == self.epoch:
-            _, list_seed, stretches = self._trained
-            return remaining_after(epoch_order(self.dataset_size, list_seed, self.epoch, self.shuffle), stretches)
-        return epoch_order(self.dataset_size, self.seed, self.epoch, self.shuffle)
+        trained = self._trained if self._trained is not None and self._trained[0] == self.epoch else None
+        # step 1, the epoch list (an expanded one, e.g. by repeat factors, would be built here)
+        full = epoch_order(self.dataset_size, trained[1] if trained else self.seed, self.epoch, self.shuffle)
+        return remaining_after(full, trained[2]) if trained else full
 
     def epoch_batches(self) -> list[list[int]]:
         """All of this rank's batches for the current epoch (ignoring the start offset)."""
