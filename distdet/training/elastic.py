@@ -23,8 +23,7 @@ that exists in both layouts. A rank the checkpoint has no file for keeps the sta
 "Could not load random states" at INFO level and goes on); the files of ranks that no longer
 exist are not read. This is no loss of reproducibility: augmentation is seeded per sample from
 ``(seed, epoch, index)``, and the remaining global draws (the detector's proposal sampling)
-are a function of the checkpoint and the new layout, so the same resume repeats exactly.
-Hence nothing is warned about.
+are a function of the checkpoint, ``--seed`` and the new layout. Hence nothing is warned about.
 """
 from __future__ import annotations
 
