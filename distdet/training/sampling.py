@@ -93,11 +93,9 @@ def shard(order: Sequence[int], num_replicas: int, rank: int) -> list[int]:
     """
     if not order:
         return []
-    padded = list(order)
-    total = math.ceil(len(padded) / num_replicas) * num_replicas
-    while len(padded) < total:
-        padded.extend(padded[: total - len(padded)])
-    return padded[rank:total:num_replicas]
+    missing = math.ceil(len(order) / num_replicas) * num_replicas - len(order)
+    padded = list(order) + (list(order) * math.ceil(missing / len(order)))[:missing]
+    return padded[rank::num_replicas]
 
 
 def batches_of(indices: Sequence[int], batch_size: int, group_ids: Sequence[int] | None = None) -> list[list[int]]:
