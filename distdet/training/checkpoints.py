@@ -28,7 +28,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from distdet.training.checkpoint_files import (
     verify_checkpoint,
     write_marker,
 )
-from distdet.training.resume_settings import apply_hyperparameters, compare_settings, group_hyperparameters
+from distdet.training.resume_settings import compare_settings
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ SETTINGS_NAME = "run_settings.json"
 #: last checkpoint from before it; the next resume moves the note to its own source.
 RESUMED_NAME = "RESUMED_FROM"
 _NAME = re.compile(r"^step_(\d+)$")
+#: trainer-state fields that older checkpoints do not have
+_ADDED_LATER = frozenset({"seed", "aspect_ratio_group_factor", "earlier_segments", "schedule"})
 
 
 @dataclass
@@ -71,8 +73,15 @@ class TrainerState:
     """Where training stands; saved with every checkpoint.
 
     ``epoch`` is the epoch to continue with and ``step_in_epoch`` the optimizer steps already
-    taken in it (0 at an epoch boundary); ``global_step`` counts optimizer steps (skipped
-    non-finite steps included) since the start of training.
+    taken in it with the current layout (0 at an epoch boundary); ``global_step`` counts
+    optimizer steps (skipped non-finite steps included) since the start of training.
+
+    The layout (``seed``, ``world_size``, ``batch_size``, ``grad_accum_steps``,
+    ``aspect_ratio_group_factor``) fixes which samples those steps took. ``earlier_segments``
+    lists the stretches of an epoch trained before a resume on another layout (each: ``epoch``,
+    ``steps`` and that layout); ``schedule`` is the learning-rate clock
+    (:class:`~distdet.training.optim.ScheduleClock`). See :mod:`distdet.training.elastic`.
+    Checkpoints written before these existed lack them; the defaults stand in.
     """
 
     epoch: int = 0
@@ -84,6 +93,10 @@ class TrainerState:
     world_size: int = 1
     batch_size: int = 1
     grad_accum_steps: int = 1
+    seed: int | None = None
+    aspect_ratio_group_factor: int | None = None
+    earlier_segments: list[dict[str, int]] = field(default_factory=list)
+    schedule: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,17 +111,29 @@ class TrainerState:
         if not isinstance(data, dict):
             raise CheckpointError(f"trainer state {path} is not a JSON object")
         known = {f.name for f in fields(cls)}
-        missing = known - set(data)
+        missing = known - set(data) - _ADDED_LATER
         if missing:
             raise CheckpointError(f"trainer state {path} lacks {', '.join(sorted(missing))}")
-        for key in known:
-            value, optional = data[key], key in ("best_metric", "best_step")
-            wanted = (int, float) if key == "best_metric" else int
-            if (value is None and optional) or (isinstance(value, wanted) and not isinstance(value, bool)):
-                continue
-            raise CheckpointError(f"trainer state {path}: {key!r} is {value!r}, expected "
-                                  f"{'a number' if key == 'best_metric' else 'an integer'}")
-        return cls(**{k: data[k] for k in known})
+        for key in known & set(data):
+            _check_state_field(path, key, data[key])
+        return cls(**{k: data[k] for k in known if k in data})
+
+
+#: The JSON type of each trainer-state field (bool is never an int here) and whether null is allowed.
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], bool, str]] = {
+    "best_metric": ((int, float), True, "a number or null"),
+    "best_step": ((int,), True, "an integer or null"), "seed": ((int,), True, "an integer or null"),
+    "aspect_ratio_group_factor": ((int,), True, "an integer or null"),
+    "earlier_segments": ((list,), False, "a list"), "schedule": ((dict,), True, "an object or null"),
+}
+
+
+def _check_state_field(path: Path, key: str, value: Any) -> None:
+    """Raise CheckpointError naming the file and the key for a value of the wrong JSON type."""
+    types, nullable, wanted = _FIELD_TYPES.get(key, ((int,), False, "an integer"))
+    if (value is None and nullable) or (isinstance(value, types) and not isinstance(value, bool)):
+        return
+    raise CheckpointError(f"trainer state {path}: {key!r} is {value!r}, expected {wanted}")
 
 
 def checkpoint_name(global_step: int) -> str:
@@ -316,21 +341,22 @@ def read_settings(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, parts: Trainables, settings: dict[str, Any],
-                    deterministic: bool) -> tuple[TrainerState, dict[str, list[Any]]]:
+                    deterministic: bool) -> TrainerState:
     """Restore model, optimizer, scheduler, scaler and this rank's RNG states from ``path``.
 
     Every rank calls this, after the main process verified the checksums. Nothing is unpickled
     (see :mod:`distdet.training.checkpoint_files`); a file that cannot be read raises
     CheckpointError naming it, and the loaded weights and optimizer state must be finite.
-    ``settings`` are the current run's (:func:`~distdet.training.resume_settings.run_settings`);
-    returns the trainer state and the optimizer settings changed by the current flags.
+    ``settings`` are the current run's (:func:`~distdet.training.resume_settings.run_settings`),
+    compared with the checkpoint's before anything is loaded. The optimizer's hyperparameters are
+    the saved ones afterwards (:func:`~distdet.training.resume_settings.apply_hyperparameters`
+    puts the current flags' back).
     """
     if not is_complete(path):
         raise CheckpointError(f"checkpoint {path} is incomplete or not a checkpoint")
     state = TrainerState.from_file(path / STATE_NAME)
     marker = read_marker(path)
     compare_settings(path, read_settings(path), settings)
-    wanted = group_hyperparameters(parts.optimizer)
     error = None
     try:
         _load_model(accelerator, path, parts.model)
@@ -350,7 +376,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, parts: Trainables, set
     check_finite(accelerator, parts, f"checkpoint {path} loaded")
     if accelerator.is_main_process:
         atomic_write_json(path.parent / RESUMED_NAME, {"checkpoint": path.name, "time": time.time()})
-    return state, apply_hyperparameters(parts.optimizer, parts.scheduler, wanted)
+    return state
 
 
 def _load_model(accelerator: Accelerator, path: Path, model: torch.nn.Module) -> None:
