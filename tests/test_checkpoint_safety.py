@@ -17,6 +17,7 @@ from accelerate import Accelerator
 
 from distdet.io_utils import WriteFailed, append_line
 from distdet.training.checkpoint_files import CheckpointError, read_marker, write_marker
+from distdet.training.resume_settings import apply_hyperparameters, group_hyperparameters
 from distdet.training.checkpoints import (
     Trainables, TrainerState, load_checkpoint, resolve_resume, save_checkpoint,
 )
@@ -57,9 +58,12 @@ def _checkpoint(accelerator: Accelerator, run_dir: Path, step: int = 1) -> Path:
 
 
 def _load(accelerator: Accelerator, folder: Path, deterministic: bool = True, lr: float = 0.1):
+    """Resume as the trainer does: load, then put the current flags' optimizer settings back."""
     parts = _parts(lr)
     prepared = Trainables(*accelerator.prepare(parts.model, parts.optimizer), parts.scheduler)
-    return load_checkpoint(accelerator, folder, prepared, SETTINGS, deterministic), prepared
+    wanted = group_hyperparameters(prepared.optimizer)
+    state = load_checkpoint(accelerator, folder, prepared, SETTINGS, deterministic)
+    return (state, apply_hyperparameters(prepared.optimizer, prepared.scheduler, wanted)), prepared
 
 
 def _reseal(folder: Path) -> None:
