@@ -19,6 +19,7 @@ import yaml
 
 from distdet.data.transforms import PRESETS
 from distdet.modeling.models import MODEL_NAMES
+from distdet.training.run_logging import REPORT_TO, resolve_trackers
 
 SPLIT_KINDS = ("tutorial", "stratified")
 OPTIMIZERS = ("sgd", "adamw")
@@ -141,9 +142,16 @@ class TrainConfig:
 
     # -- logging ------------------------------------------------------------------------------------
     log_every: int = _flag("log metrics every this many optimizer steps", group="log", default=10)
-    tensorboard: bool = _flag("write TensorBoard scalars (through Accelerate's tracker)", group="log",
-                              default=True)
+    report_to: str = _flag(
+        "experiment trackers (Accelerate's) that get the metrics.jsonl scalars and the run config: "
+        "all = every installed one; wandb and mlflow come with pip install 'distdet[trackers]'",
+        group="log", choices=REPORT_TO, default="tensorboard")
+    tensorboard: bool = _flag("--no-tensorboard leaves TensorBoard out of --report-to (older spelling of "
+                              "--report-to none)", group="log", default=True)
     progress: bool = _flag("show a progress bar", group="log", default=True)
+    pictures: bool = _flag("draw plots/labels.png (label statistics of the training images) and "
+                           "train_batches.png (the first augmented batches) before the first step",
+                           group="log", default=True)
 
     # -- distributed and cluster --------------------------------------------------------------------
     dist_timeout: float = _flag("seconds a collective waits for the other ranks before failing",
@@ -365,3 +373,4 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--aspect-ratio-group-factor must be -1 (off) or >= 0, got {cfg.aspect_ratio_group_factor}")
     if sorted(cfg.lr_milestones) != list(cfg.lr_milestones):
         raise ValueError(f"--lr-milestones must be increasing, got {cfg.lr_milestones}")
+    resolve_trackers(cfg.report_to, cfg.tensorboard)  # a tracker whose package is missing
