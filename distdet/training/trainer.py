@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 
 import distdet
-from distdet.classes import CLASS_NAMES
+from distdet.classes import CLASS_COLOURS, CLASS_NAMES
 from distdet.data import collate_detection
 from distdet.eval import evaluate_model, scalar_metrics
 from distdet.io_utils import atomic_write_json
@@ -60,8 +61,10 @@ from distdet.training.checkpoints import (
 from distdet.training.config import TrainConfig, parse_config
 from distdet.training.data_setup import SPLIT_NAME, TrainingData, prepare_data
 from distdet.runtime.accelerator import LaunchError, agree_any, build_accelerator, leave_process_group
+from distdet.training.pictures import PREVIEW_BATCHES, write_start_pictures
+from distdet.training.results_csv import write_results_csv
 from distdet.training.optim import build_optimizer, build_scheduler, effective_lr, resolve_warmup_steps
-from distdet.training.run_logging import Progress, RunLog, configure_logging
+from distdet.training.run_logging import Progress, RunLog, configure_logging, resolve_trackers
 from distdet.training.sampling import EpochBatchSampler, SeededSampleDataset, aspect_ratio_groups
 from distdet.runtime.signals import (
     EXIT_INTERRUPTED,
@@ -191,7 +194,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
                 "train_images": len(data.train), "val_images": len(data.val or []), "test_images": len(data.test)}
     if accelerator.is_main_process:
         _write_config(run_dir, cfg, resolved, data)
-    log = RunLog(accelerator, run_dir, cfg.tensorboard, {**cfg.to_dict(), **resolved})
+    log = RunLog(accelerator, run_dir, resolve_trackers(cfg.report_to, cfg.tensorboard), {**cfg.to_dict(), **resolved})
     log.event("resumed" if resume_from else "started", checkpoint=str(resume_from) if resume_from else None,
               global_step=state.global_step, epoch=state.epoch, world_size=world, slurm_job_id=slurm_job_id())
     logger.info("run folder %s; %d processes on %s; %d train images, %d steps/epoch, global batch %d, lr %.5g",
@@ -199,6 +202,9 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     run = Run(cfg, accelerator, run_dir, data, sampler, loader, model, optimizer, scheduler, state, log,
               Progress(cfg.progress and accelerator.is_main_process, cfg.epochs * steps_per_epoch, state.global_step),
               stop, steps_per_epoch, last_saved_step=state.global_step if resume_from else -1)
+    if cfg.pictures and resume_from is None and accelerator.is_main_process:  # sampler at epoch 0, batch 0
+        write_start_pictures(run_dir, data.train_records, train_set, list(islice(sampler, PREVIEW_BATCHES)),
+                             CLASS_NAMES, CLASS_COLOURS)
     if cfg.debug_record_samples:
         (run_dir / "debug").mkdir(parents=True, exist_ok=True)
         run.debug_file = open(run_dir / "debug" / f"samples_rank{rank}.jsonl", "a")
@@ -212,6 +218,8 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
             if cfg.eval_every and (state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs):
                 _evaluate_and_keep_best(run)
             _checkpoint(run)
+            if accelerator.is_main_process:
+                write_results_csv(run_dir)
             outcome = "done" if not _max_steps_reached(run) else "max_steps"
     run.progress.close()
     if run.debug_file is not None:
@@ -237,6 +245,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
               "world_size": world}
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "report.json", report)
+        write_results_csv(run_dir)  # with the final test evaluation
         _write_plots(run_dir)
     log.event("finished", **{k: v for k, v in report.items() if k != "test_metrics"})
     stop.uninstall()
