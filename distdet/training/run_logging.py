@@ -118,7 +118,22 @@ def _make_tracker(name: str, run_dir: Path) -> GeneralTracker:
         # and Alembic: not in mlflow-skinny); a file store in the run folder needs no server.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
-    return MLflowTracker(EXPERIMENT_NAME, run_name=run_dir.name)
+    return _MLflowTracker(EXPERIMENT_NAME, run_name=run_dir.name)
+
+
+def mlflow_metric_name(name: str) -> str:
+    """``kind/family/metric/class`` -> ``kind/family.metric.class``: MLflow's file store keeps each
+    metric as a file at its name's path, so ``test/coco/AP`` (a file) and ``test/coco/AP/with_mask``
+    (a file under a folder of the same path) cannot both exist; it fails with NotADirectoryError."""
+    kind, _, rest = name.partition("/")
+    return f"{kind}/{rest.replace('/', '.')}" if rest else kind
+
+
+class _MLflowTracker(MLflowTracker):
+    """Accelerate's MLflow tracker with metric names every MLflow store accepts."""
+
+    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        super().log({mlflow_metric_name(k): v for k, v in values.items()}, step=step, **kwargs)
 
 
 def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
