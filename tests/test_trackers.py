@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,13 @@ def test_unknown_report_to_is_a_flag_error(capsys: pytest.CaptureFixture) -> Non
         parse_config(["--report-to", "comet"])
     assert exit_info.value.code == 2
     assert "--report-to" in capsys.readouterr().err
+
+
+def test_a_tracker_whose_package_is_missing_is_a_flag_error(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # how Python marks a module as not importable
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--report-to", "wandb"])
+    assert exit_info.value.code == 2
+    assert "--report-to wandb needs the wandb package" in capsys.readouterr().err
+    assert resolve_trackers("all") == ["tensorboard", "mlflow"]  # "all": the installed ones
