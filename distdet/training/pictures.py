@@ -3,8 +3,9 @@
 - ``plots/labels.png``: label statistics of the training images (:mod:`distdet.data.plots`);
 - ``train_batches.png``: the first training batches of the main process exactly as the model
   gets them (after augmentation: each sample is loaded through the run's seeded dataset with
-  its ``(epoch, index)`` key, as the DataLoader does), boxes and class names drawn, one row per
-  batch, with a legend of the class colours.
+  its ``(epoch, index)`` key, as the DataLoader does; the detector's own resize and
+  normalisation come later, inside the model), boxes and class names drawn, one row per batch,
+  with a legend of the class colours.
 
 Both are a convenience: :func:`write_start_pictures` logs a failure and carries on.
 """
