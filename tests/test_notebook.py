@@ -30,7 +30,7 @@ SMALL = {
     "DISTDET_NB_EPOCHS": "1",
     "DISTDET_NB_PROCESSES": "2",
     "DISTDET_NB_PREDICTED": "2",
-    "DISTDET_NB_EXTRA_FLAGS": "--weights none --min-size 64 --max-size 96 --batch-size 2 --split stratified "
+    "DISTDET_NB_EXTRA_FLAGS": "--weights none --min-size 64 --max-size 96 --batch-size 2 --split-scheme stratified "
                               "--test-fraction 0.2 --workers 0 --no-progress --log-every 1 --no-tensorboard",
 }
 

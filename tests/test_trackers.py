@@ -13,7 +13,8 @@ from support.trackers import wandb_config, wandb_history
 from support.trainer import FAST, check_ok, launch_command, make_tiny_dataset, read_jsonl, run, train_command
 
 from distdet.training.config import parse_config
-from distdet.training.run_logging import mlflow_metric_name, resolve_trackers
+from distdet.training.run_logging import mlflow_metric_name
+from distdet.training.tracker_choice import resolve_trackers
 
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")

@@ -3,7 +3,7 @@
 - ``metrics.jsonl``: one JSON object per line (``kind`` = ``train`` or ``eval``), appended;
 - ``events.jsonl``: start, resume, interruption, bad-step and finish notes;
 - the same scalars, and the run config, through Accelerate's experiment trackers
-  (``--report-to``, see :func:`resolve_trackers`): TensorBoard (``<run>/tensorboard``),
+  (``--report-to``, see :mod:`distdet.training.tracker_choice`): TensorBoard (``<run>/tensorboard``),
   Weights & Biases (``<run>/wandb``), MLflow (``<run>/mlruns`` unless ``MLFLOW_TRACKING_URI``
   names another store);
 - a tqdm progress bar (epoch, step, loss, lr, images/s, ETA) on stderr.
@@ -12,7 +12,6 @@ Other ranks log warnings and errors only, each line prefixed with its rank.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -31,11 +30,6 @@ EVENTS_NAME = "events.jsonl"
 TRACKER_PROJECT = "tensorboard"
 #: W&B project and MLflow experiment name, unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME say otherwise.
 EXPERIMENT_NAME = "distdet"
-#: ``--report-to`` values: one tracker, every installed one, or none.
-REPORT_TO = ("tensorboard", "wandb", "mlflow", "all", "none")
-#: The module each tracker needs, and the pip package that provides it.
-TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-                   "mlflow": ("mlflow", "mlflow-skinny")}
 
 
 def configure_logging(rank: int, world_size: int, is_main: bool) -> None:
@@ -53,7 +47,8 @@ class RunLog:
     """Metrics and events of one run; every method is a no-op off the main process."""
 
     def __init__(self, accelerator: Accelerator, run_dir: Path, trackers: list[str], config: dict[str, Any]) -> None:
-        """``trackers``: names from :func:`resolve_trackers` (empty: metrics.jsonl only)."""
+        """``trackers``: names from :func:`~distdet.training.tracker_choice.resolve_trackers`
+        (empty: metrics.jsonl only)."""
         self.accelerator = accelerator
         self.run_dir = Path(run_dir)
         self.active = accelerator.is_main_process
@@ -80,29 +75,6 @@ class RunLog:
 
     def event(self, event: str, **details: Any) -> None:
         self._append(EVENTS_NAME, {"event": event, "time": time.time(), **details})
-
-
-def resolve_trackers(report_to: str, tensorboard: bool = True) -> list[str]:
-    """The trackers a run reports to: ``report_to`` (a :data:`REPORT_TO` value) without
-    TensorBoard when ``tensorboard`` is False (the older ``--no-tensorboard`` flag).
-
-    ``all`` means every tracker whose package is installed (as Accelerate's ``log_with="all"``);
-    a tracker named on its own whose package is missing is a ValueError naming the flag and the
-    package, because Accelerate would drop it silently.
-    """
-    if report_to not in REPORT_TO:
-        raise ValueError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {report_to!r}")
-    if report_to == "none":
-        return []
-    installed = [name for name, (module, _) in TRACKER_MODULES.items() if importlib.util.find_spec(module)]
-    if report_to == "all":
-        names = installed
-    elif report_to in installed:
-        names = [report_to]
-    else:
-        raise ValueError(f"--report-to {report_to} needs the {TRACKER_MODULES[report_to][1]} package: "
-                         f"pip install 'distdet[trackers]' (or choose another --report-to)")
-    return [name for name in names if tensorboard or name != "tensorboard"]
 
 
 def _make_tracker(name: str, run_dir: Path) -> GeneralTracker:
