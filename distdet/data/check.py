@@ -10,6 +10,7 @@ from typing import Any
 from distdet.classes import CLASS_NAMES
 from distdet.data.index import DataIndex, build_index
 from distdet.data.problems import DataError, Problem
+from distdet.data.records import ImageRecord
 
 
 @dataclass
@@ -24,6 +25,8 @@ class DataReport:
     image_sizes: Counter = field(default_factory=Counter)  # (width, height) -> images
     clamped: dict[str, int] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    #: The usable images (for ``--plots``); not part of :meth:`to_dict`.
+    records: list[ImageRecord] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -80,6 +83,7 @@ def check_data(
     report.image_sizes = Counter((r.width, r.height) for r in index.records)
     report.clamped = dict(index.clamped)
     report.problems = index.problems
+    report.records = index.records
     return report
 
 
