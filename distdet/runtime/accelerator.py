@@ -23,6 +23,8 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from distdet.runtime.tf32 import apply_tf32
+
 logger = logging.getLogger(__name__)
 
 CPU_LAUNCH_HINT = (
@@ -45,8 +47,11 @@ def resolve_mixed_precision(requested: str | None) -> str:
 
 
 def build_accelerator(*, cpu: bool, mixed_precision: str | None, grad_accum_steps: int,
-                      dist_timeout: float) -> Accelerator:
-    """Create the Accelerator; raise :class:`LaunchError` for fp16 on CPU or a broken launch."""
+                      dist_timeout: float, tf32: str = "torch") -> Accelerator:
+    """Create the Accelerator; raise :class:`LaunchError` for fp16 on CPU or a broken launch.
+
+    ``tf32``: see :mod:`distdet.runtime.tf32`, applied before the Accelerator exists.
+    """
     use_cpu = cpu or not torch.cuda.is_available()
     precision = resolve_mixed_precision(mixed_precision)
     if use_cpu and precision == "fp16":
@@ -54,6 +59,7 @@ def build_accelerator(*, cpu: bool, mixed_precision: str | None, grad_accum_step
             "--mixed-precision fp16 is not applied on CPU: Accelerate would silently train in fp32 "
             "(no autocast, no gradient scaler). Use --mixed-precision bf16 on CPU, or fp16 on a CUDA GPU."
         )
+    apply_tf32(tf32)
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=precision,

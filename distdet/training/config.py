@@ -19,6 +19,7 @@ import yaml
 
 from distdet.data.transforms import PRESETS
 from distdet.modeling.models import MODEL_NAMES
+from distdet.runtime.tf32 import TF32_MODES
 
 SPLIT_KINDS = ("tutorial", "stratified")
 OPTIMIZERS = ("sgd", "adamw")
@@ -113,6 +114,9 @@ class TrainConfig:
     mixed_precision: str | None = _flag(
         "mixed precision (default: the launcher's config, else no); fp16 needs a CUDA GPU, bf16 runs on "
         "CPU and recent GPUs", group="train", choices=MIXED_PRECISION, default=None)
+    tf32: str = _flag(
+        "TF32 on CUDA: torch = PyTorch's default (TF32 convolutions, IEEE fp32 matmuls), on = TF32 for "
+        "both, off = IEEE fp32 for both; no effect on CPU", group="train", choices=TF32_MODES, default="torch")
     max_steps: int = _flag("stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit",
                            group="train", default=0)
     max_bad_steps: int = _flag("stop with an error after this many consecutive steps with a non-finite loss",
