@@ -51,7 +51,7 @@ from train_loops import (  # noqa: E402 - benchmarks/ is on sys.path when run as
 GPU_MODELS = ("fasterrcnn_lite0_fpn", "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2")
 DRY_MODELS = ("fasterrcnn_mobilenet_v3_large_320_fpn",)
 IMAGENET_BACKBONE = {"fasterrcnn_lite0_fpn"}  # shipped with the lite extra; the others start from random weights
-#: seconds assumed for a row before any row of its model and loop has run (H200 guesses, generous)
+#: seconds assumed for the first row of a loop (H200 guesses, generous; later rows use measured times)
 PRIOR_S = {"bare": 40.0, "trainer": 90.0, "nan-check": 90.0}
 MEMORY_CLASS = {"fp32": "fp32", "tf32": "fp32", "bf16": "bf16", "fp16": "bf16"}
 DRY_RUN = {"device": "cpu", "min_size": 64, "max_size": 96, "batch_size": 2, "max_batch_cap": 4, "steps": 2,
@@ -162,9 +162,10 @@ class GpuCheck:
     def estimate(self, row: Row, batch_size: int) -> float:
         """Seconds the row should take: fixed cost + steps at the throughput of the last similar row."""
         steps = self.args.warmup + self.args.steps
-        done = [r for r in self.rows if r.model == row.model and r.loop == row.loop and r.images_per_s]
-        if not done:
-            return PRIOR_S[row.loop]
+        same_loop = [r for r in self.rows if r.loop == row.loop and r.images_per_s]
+        done = [r for r in same_loop if r.model == row.model]
+        if not done:  # a new model: twice the slowest row of its loop so far, or the prior
+            return min(PRIOR_S[row.loop], 2 * max(r.wall_s for r in same_loop)) if same_loop else PRIOR_S[row.loop]
         ref = done[-1]
         stepping = steps * ref.batch_size / ref.images_per_s
         return max(0.0, ref.wall_s - stepping) + steps * batch_size / ref.images_per_s
