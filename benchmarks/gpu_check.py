@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nan-step", type=int, default=2, help="the step whose loss the NaN check poisons")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="wall-time budget of all rows (default 7 min, inside the 8-minute allowance)")
-    p.add_argument("--json", default="gpu_check.json", help="results file (default: ./gpu_check.json)")
+    p.add_argument("--json", default="runs/gpu_check.json", help="results file (default: runs/gpu_check.json)")
     p.add_argument("--worker-trainer", default=None, help=argparse.SUPPRESS)  # internal: OUT of a trainer child
     p.add_argument("train_flags", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -89,6 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.models = args.models.split(",") if args.models else list(DRY_MODELS if args.dry_run else GPU_MODELS)
     args.precisions = [x for x in args.precisions.split(",") if x]
+    from distdet.modeling.models import MODEL_NAMES
+
+    unknown = [m for m in args.models if m not in MODEL_NAMES]
+    if unknown:
+        p.error(f"--models: unknown {unknown}; choose from {', '.join(MODEL_NAMES)}")
     bad = [x for x in args.precisions if x not in PRECISIONS]
     if bad:
         p.error(f"--precisions: unknown {bad}; choose from {', '.join(PRECISIONS)}")
@@ -177,23 +183,33 @@ class GpuCheck:
             if row.precision in CUDA_ONLY and self.device.type != "cuda":
                 row.status = "not applicable on CPU"
                 continue
-            batch_size = self.args.batch_size if row.batch == "base" else self.largest_batch(row)
-            if batch_size is None:
-                tried = self.largest[(row.model, MEMORY_CLASS[row.precision])]["tried"]
-                row.status = f"not run: no batch above --batch-size ran (search: {tried})"
-                continue
-            row.batch_size = batch_size
-            needed = self.estimate(row, batch_size)
-            if needed > self.left():
-                row.status = f"skipped: needs ~{needed:.0f} s, {max(self.left(), 0):.0f} s of the budget left"
-                print(f"-- {row.name}: {row.status}", flush=True)
-                continue
-            start = time.monotonic()
-            {"bare": self.run_bare, "trainer": self.run_trainer, "nan-check": self.run_nan_check}[row.loop](row)
-            row.wall_s = time.monotonic() - start
-            print(f"-- {row.name}: {row.status}, {fmt(row.images_per_s, '.2f')} img/s, "
-                  f"{row.wall_s:.1f} s", flush=True)
+            try:
+                self.run_row(row)
+            except Exception as exc:  # noqa: BLE001 - one failed row must not end the check
+                traceback.print_exc()
+                row.status = f"failed: {type(exc).__name__}: {exc}"
             self.write_json()
+
+    def run_row(self, row: Row) -> None:
+        """Run one row, or say why it is not run (budget, no larger batch)."""
+        batch_size = self.args.batch_size if row.batch == "base" else self.largest_batch(row)
+        if batch_size is None:
+            tried = self.largest[(row.model, MEMORY_CLASS[row.precision])]["tried"]
+            row.status = f"not run: no batch above --batch-size ran (search: {tried})"
+            return
+        row.batch_size = batch_size
+        needed = self.estimate(row, batch_size)
+        if needed > self.left():
+            row.status = f"skipped: needs ~{needed:.0f} s, {max(self.left(), 0):.0f} s of the budget left"
+            print(f"-- {row.name}: {row.status}", flush=True)
+            return
+        start = time.monotonic()
+        try:
+            {"bare": self.run_bare, "trainer": self.run_trainer, "nan-check": self.run_nan_check}[row.loop](row)
+        finally:
+            row.wall_s = time.monotonic() - start
+        print(f"-- {row.name}: {row.status}, {fmt(row.images_per_s, '.2f')} img/s, "
+              f"{row.wall_s:.1f} s", flush=True)
 
     def run_bare(self, row: Row) -> None:
         from distdet.training.config import parse_config
@@ -203,9 +219,6 @@ class GpuCheck:
             result = bare_run(cfg, self.device, row.precision, self.args.steps, self.args.warmup, self.deadline)
         except torch.cuda.OutOfMemoryError:
             row.status = "CUDA out of memory"
-            return
-        except Exception as exc:  # noqa: BLE001 - one failed row must not end the check
-            row.status = f"failed: {type(exc).__name__}: {exc}"
             return
         finally:
             free_cuda_cache()

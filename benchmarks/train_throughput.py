@@ -12,6 +12,13 @@ Rows, side by side in one run (same model, data, batch size and optimizer):
   (:data:`MALLOC_TUNING`: no trimming, a fixed 32 MiB mmap threshold, 1 GiB top pad), so the
   large activation buffers of each step are reused instead of unmapped and faulted in again.
 
+``--recipe FILE`` (like for like) runs only ``bare`` and ``distdet``, both built from the same
+``train.py --config FILE`` flags (plus any given after ``--``): the bare loop trains on the
+trainer's own batches (``train_loops.trainer_batches``: same images, order and sizes, checked
+against the trainer's ``--debug-record-samples``), the trainer runs the recipe as it is
+(clipping, the non-finite agreement, logging). At least 3 interleaved pairs, the order
+alternating per pair, the load average printed before and after each row.
+
 Each row runs in its own process(es). Throughput is images per second over the steps after
 ``--warmup`` (global, all processes); data wait is the share of step time spent waiting for the
 next batch; peak RSS is the largest resident memory of each training process (sampled every
@@ -22,6 +29,8 @@ throughput is reported, to damp the noise of a shared machine (its load average 
     PYTHONPATH=. python benchmarks/train_throughput.py --steps 40 --repeats 3 --min-size 240
     PYTHONPATH=. python benchmarks/train_throughput.py --rows distdet,distdet-malloc \
         --model fasterrcnn_lite0_fpn --min-size 448 --max-size 768 --data-dir ../shared/facemask --workers 1
+    PYTHONPATH=. python benchmarks/train_throughput.py --recipe configs/facemask_lite0_cpu.yaml \
+        --steps 20 --warmup 10 --repeats 3
 """
 from __future__ import annotations
 
