@@ -16,6 +16,9 @@ import torch
 from support.trainer import REPO, child_env, make_tiny_dataset
 from distdet.runtime.tf32 import apply_tf32
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from train_loops import trainer_throughput  # noqa: E402 - a benchmark module, not part of the package
+
 GPU_CHECK = REPO / "benchmarks" / "gpu_check.py"
 TRAIN_THROUGHPUT = REPO / "benchmarks" / "train_throughput.py"
 DRY_MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -90,6 +93,21 @@ def test_full_dry_run_has_every_precision_ratio_and_largest_batch_rows(tmp_path)
         assert rows[(precision, "max", "bare")]["batch_size"] == 4  # the dry run's cap
     names = {(r["ratio"], r["batch"], r["of"]) for r in report["ratios"]}
     assert {("bf16 / fp32", 2, "bare"), ("bf16 / fp32", 4, "trainer"), ("trainer / bare", 4, "bf16")} <= names
+
+
+def test_trainer_throughput_counts_only_windows_after_warmup(tmp_path):
+    # windows as --log-every 3 writes them, with a short one at an epoch's end (step 8)
+    windows = [(3, 10.0, 0.5), (6, 4.0, 0.1), (8, 2.0, 0.0), (11, 1.0, 0.2)]
+    lines = [{"kind": "train", "step": step, "images_per_s": ips, "data_wait_frac": wait}
+             for step, ips, wait in windows] + [{"kind": "eval", "step": 11, "images_per_s": 99.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    # warmup 4: the window ending at step 6 started at step 3 and is warmup; steps 7-11 are measured
+    result = trainer_throughput(tmp_path, warmup=4, images_per_step=2)
+    seconds = 2 * 2 / 2.0 + 3 * 2 / 1.0
+    assert result["images_per_s"] == pytest.approx(5 * 2 / seconds)
+    assert result["data_wait_frac"] == pytest.approx(0.2 * 6.0 / seconds)
+    with pytest.raises(ValueError, match="no logged window after step 11"):
+        trainer_throughput(tmp_path, warmup=11, images_per_step=2)
 
 
 def test_tf32_modes_set_torch_switches():
