@@ -155,7 +155,7 @@ class GpuCheck:
 
     def train_flags(self, model: str, precision: str, batch_size: int) -> list[str]:
         a = self.args
-        flags = ["--split", "stratified", "--test-fraction", "0.05", "--model", model, "--weights", "none",
+        flags = ["--split-scheme", "stratified", "--test-fraction", "0.05", "--model", model, "--weights", "none",
                  "--backbone-weights", "imagenet" if model in IMAGENET_BACKBONE else "none",
                  "--min-size", str(a.min_size), "--max-size", str(a.max_size), "--batch-size", str(batch_size),
                  "--workers", str(a.workers), "--log-every", str(a.log_every), "--no-progress", "--no-tensorboard",
@@ -395,7 +395,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 def trainer_worker(out: str, flags: list[str]) -> int:
     """The trainer child: ``train.py``'s main, then its peak GPU memory into ``out``."""
-    from distdet.training.trainer import main as train_main
+    from distdet.commands.train import main as train_main
 
     status = train_main(flags)
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None

@@ -64,12 +64,12 @@ def trainer_batches(cfg, pin_memory: bool = False) -> Iterator[Batch]:
 
     from distdet.classes import CLASS_NAMES
     from distdet.data import DetectionDataset, build_index, collate_detection, get_transforms
-    from distdet.data.synthetic import default_data_dir
-    from distdet.training.data_setup import choose_split
+    from distdet.data.synthetic import resolve_data_dir
+    from distdet.training.data_setup import training_split
     from distdet.training.sampling import EpochBatchSampler, SeededSampleDataset, aspect_ratio_groups
 
-    records = build_index(cfg.data_dir or default_data_dir(), CLASS_NAMES).records
-    train_records = choose_split(cfg, records, None).select(records)["train"]
+    records = build_index(resolve_data_dir(cfg.data_dir), CLASS_NAMES).records
+    train_records = training_split(cfg, records, None).select(records)["train"]
     dataset = SeededSampleDataset(DetectionDataset(train_records, transforms=get_transforms(cfg.augment, train=True)),
                                   cfg.seed)
     group_ids = None

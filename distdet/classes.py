@@ -6,8 +6,6 @@ reads it from here.
 """
 from __future__ import annotations
 
-BACKGROUND_ID = 0
-
 #: Dataset class names in label order: ``CLASS_NAMES[i]`` has label ``i + 1``.
 CLASS_NAMES: tuple[str, ...] = ("with_mask", "without_mask", "mask_weared_incorrect")
 
@@ -26,9 +24,3 @@ def label_of(name: str, class_names: tuple[str, ...] = CLASS_NAMES) -> int:
     except ValueError:
         raise KeyError(f"unknown class {name!r}; known classes: {', '.join(class_names)}") from None
 
-
-def name_of(label: int, class_names: tuple[str, ...] = CLASS_NAMES) -> str:
-    """Return the class name of a 1-based label id; raise KeyError for 0 or out of range."""
-    if not 1 <= label <= len(class_names):
-        raise KeyError(f"label {label} is not a class id (1..{len(class_names)})")
-    return class_names[label - 1]

@@ -132,7 +132,7 @@ def recipe_args(tmp_path: Path, warmup: int) -> list[str]:
     return ["--recipe", "configs/facemask_lite0_cpu.yaml", "--data-dir", str(make_tiny_dataset(tmp_path)),
             "--steps", "2", "--warmup", str(warmup), "--repeats", "3", "--threads", "1",
             "--json", str(tmp_path / "l4l.json"), "--", "--model", DRY_MODEL, "--backbone-weights", "none",
-            "--min-size", "64", "--max-size", "96", "--log-every", "2", "--split", "stratified",
+            "--min-size", "64", "--max-size", "96", "--log-every", "2", "--split-scheme", "stratified",
             "--test-fraction", "0.2", "--workers", "0"]
 
 

@@ -27,12 +27,6 @@ def difficult_flags(record: ImageRecord) -> np.ndarray:
                      f"{record.num_objects} objects")
 
 
-def empty_prediction() -> Prediction:
-    """A prediction with no detections."""
-    return {"boxes": np.zeros((0, 4), dtype=np.float64), "scores": np.zeros(0, dtype=np.float64),
-            "labels": np.zeros(0, dtype=np.int64)}
-
-
 def normalize_predictions(records: Sequence[ImageRecord], predictions: Sequence[Mapping[str, Any]],
                           num_classes: int) -> list[Prediction]:
     """Check ``predictions`` against ``records``; return float64 boxes/scores, int64 labels.
