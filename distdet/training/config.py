@@ -22,7 +22,13 @@ import yaml
 from distdet.data.splits import SPLIT_NAMES
 from distdet.data.presets import PRESETS
 from distdet.modeling.names import MODEL_NAMES
-from distdet.runtime.options import DEFAULT_DIST_TIMEOUT_S, MIXED_PRECISION_CHOICES, add_hidden_alias, old_spelling
+from distdet.runtime.options import (
+    DEFAULT_DIST_TIMEOUT_S,
+    MIXED_PRECISION_CHOICES,
+    TF32_MODES,
+    add_hidden_alias,
+    old_spelling,
+)
 from distdet.training.tracker_choice import REPORT_TO, resolve_trackers
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -118,6 +124,9 @@ class TrainConfig:
     mixed_precision: str | None = _flag(
         "mixed precision (default: the launcher's config, else no); fp16 needs a CUDA GPU, bf16 runs on "
         "CPU and recent GPUs", group="train", choices=MIXED_PRECISION_CHOICES, default=None)
+    tf32: str = _flag(
+        "TF32 on CUDA: torch = PyTorch's default (TF32 convolutions, IEEE fp32 matmuls), on = TF32 for "
+        "both, off = IEEE fp32 for both; no effect on CPU", group="train", choices=TF32_MODES, default="torch")
     max_steps: int = _flag("stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit",
                            group="train", default=0)
     max_bad_steps: int = _flag("stop with an error after this many consecutive steps with a non-finite loss",
