@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdet.classes import CLASS_NAMES
+from distdet.commands.check_data import class_list_arg
+from distdet.data.index import DataIndex
 from distdet.data.records import ImageRecord
 
 SPLIT_PARTS = ("test", "train", "val", "all")
@@ -50,9 +51,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a COCO results list (image_id, category_id, bbox x,y,w,h, score) with the ids of the "
                              "ground_truth.json this command writes for the same split; [] is valid")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="dataset folder (images/ + annotations/); default: with --checkpoint, the data and "
-                             "split manifest recorded in its model card when both still exist, else the "
-                             "synthetic default dataset")
+                        help="dataset folder (COCO JSON + images, or VOC images/ + annotations/); default: with "
+                             "--checkpoint, the data and split manifest recorded in its model card when both "
+                             "still exist, else the synthetic default dataset")
+    parser.add_argument("--annotations", type=Path, metavar="FILE", default=None,
+                        help="the COCO instances JSON, when it is not DIR/annotations.json or DIR/instances_*.json")
+    parser.add_argument("--class-names", type=class_list_arg, default=None, metavar="A,B,C",
+                        help="class names in label order; with --checkpoint they must be the model card's "
+                             "(default: the card's, or for --predictions those of the data)")
     parser.add_argument("--split", choices=SPLIT_PARTS, default="test", help="part to evaluate (default: test)")
     parser.add_argument("--split-scheme", choices=("tutorial", "stratified"), default="tutorial",
                         help="how the split is made when no manifest is given (default: tutorial, the last 170 "
@@ -99,10 +105,24 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return default_data_dir()
 
 
-def _records(args: argparse.Namespace, class_names: tuple[str, ...]) -> list[ImageRecord]:
-    from distdet.data import build_index
+def _index(args: argparse.Namespace, run_class_names: tuple[str, ...] | None = None) -> DataIndex:
+    """The data to evaluate on; with ``run_class_names`` (the model card's) the data's class list must match."""
+    from distdet.data import open_index
 
-    index = build_index(_data_dir(args), class_names=class_names)
+    return open_index(_data_dir(args), args.class_names, annotations=args.annotations,
+                      run_class_names=run_class_names, run_what=f"the model card of {args.checkpoint}")
+
+
+def _records(args: argparse.Namespace, index: DataIndex) -> list[ImageRecord]:
+    """The records of ``--split``; a ``--split-manifest`` recording another class list is an error."""
+    from distdet.data import load_manifest
+    from distdet.data.class_list import check_same_classes
+
+    if args.split_manifest is not None and args.split != "all":
+        recorded = load_manifest(args.split_manifest).class_names
+        if recorded:
+            check_same_classes(recorded, f"split manifest {args.split_manifest}", index.class_names,
+                               f"the data ({index.class_source})")
     return select_split(index.records, args.split, args.split_scheme, args.split_manifest)
 
 
@@ -121,16 +141,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_predictions(args: argparse.Namespace) -> int:
     from distdet.eval import compute_metrics, format_metrics_table, write_evaluation_outputs
+    from distdet.eval.coco import CocoIds
     from distdet.eval.results_file import load_coco_results
 
-    class_names = CLASS_NAMES
-    records = _records(args, class_names)
+    index = _index(args)
+    class_names, records = index.class_names, _records(args, index)
     path = Path(args.predictions)
-    predictions = load_coco_results(path, len(records), len(class_names))
+    predictions = load_coco_results(path, len(records), len(class_names), CocoIds.of(records, index.category_ids))
     metrics = compute_metrics(records, predictions, class_names, score_threshold=args.score_threshold,
                               voc07=args.voc07)
     out = args.out or path.with_name(f"{path.stem}-eval-{args.split}")
-    write_evaluation_outputs(out, records, predictions, metrics, num_rendered=args.num_rendered)
+    write_evaluation_outputs(out, records, predictions, metrics, num_rendered=args.num_rendered,
+                             category_ids=index.category_ids)
     print(format_metrics_table(metrics))
     print(f"\nevaluated {len(records)} images ({args.split}); wrote metrics and outputs to {out}")
     return 0
@@ -140,9 +162,11 @@ def _default_to_training_data(args: argparse.Namespace, info: dict) -> None:
     """Without --data-dir and --split-manifest, evaluate on the data and split the model was trained on."""
     if args.data_dir is not None or args.split_manifest is not None:
         return
-    data_dir, manifest = info.get("data_dir"), info.get("split_manifest")
+    data_dir, manifest, annotations = info.get("data_dir"), info.get("split_manifest"), info.get("annotations")
     if data_dir and manifest and Path(data_dir).is_dir() and Path(manifest).is_file():
         args.data_dir, args.split_manifest = Path(data_dir), Path(manifest)
+        if args.annotations is None and annotations and Path(annotations).is_file():
+            args.annotations = Path(annotations)
         print(f"distdet evaluate: using the training run's data {data_dir} and split {manifest}", file=sys.stderr)
 
 
@@ -159,7 +183,8 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     model, card = load_detector_model(args.checkpoint, device=accelerator.device)
     _default_to_training_data(args, card.info)
     class_names = tuple(card.class_names)
-    records = _records(args, class_names)
+    index = _index(args, class_names)
+    records = _records(args, index)
     checkpoint = Path(args.checkpoint)
     out = args.out or (checkpoint if checkpoint.is_dir() else checkpoint.parent) / f"eval-{args.split}"
     metrics = evaluate_model(
@@ -168,6 +193,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
         box_score_thresh=EVAL_SCORE_THRESH if args.box_score_thresh is None else args.box_score_thresh,
         box_detections_per_img=args.box_detections_per_img or EVAL_DETECTIONS_PER_IMG,
         score_threshold=args.score_threshold, voc07=args.voc07, out_dir=out, num_rendered=args.num_rendered,
+        category_ids=index.category_ids,
     )
     if accelerator.is_main_process:
         print(format_metrics_table(metrics))

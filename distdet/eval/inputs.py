@@ -27,6 +27,12 @@ def difficult_flags(record: ImageRecord) -> np.ndarray:
                      f"{record.num_objects} objects")
 
 
+def ignored_flags(record: ImageRecord) -> np.ndarray:
+    """Objects that VOC matching and the confusion matrix ignore: ``difficult`` ones and COCO
+    crowd regions (a detection on one is neither right nor wrong, and missing it costs nothing)."""
+    return difficult_flags(record) | record.crowd
+
+
 def empty_prediction() -> Prediction:
     """A prediction with no detections."""
     return {"boxes": np.zeros((0, 4), dtype=np.float64), "scores": np.zeros(0, dtype=np.float64),

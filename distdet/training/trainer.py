@@ -42,7 +42,6 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 
 import distdet
-from distdet.classes import CLASS_NAMES
 from distdet.data import collate_detection
 from distdet.eval import evaluate_model, scalar_metrics
 from distdet.io_utils import atomic_write_json
@@ -167,7 +166,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
 
     # -- 3. model, optimizer, schedule -------------------------------------------------------------
     with accelerator.main_process_first():  # the first process fills the weights cache
-        model = build_model(cfg.model, len(CLASS_NAMES), weights=cfg.weights, backbone_weights=cfg.backbone_weights,
+        model = build_model(cfg.model, len(data.class_names), weights=cfg.weights, backbone_weights=cfg.backbone_weights,
                             min_size=cfg.min_size, max_size=cfg.max_size,
                             trainable_backbone_layers=cfg.trainable_backbone_layers,
                             box_batch_size_per_image=cfg.box_batch_size_per_image,
@@ -188,7 +187,8 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
                 "warmup_steps": resolve_warmup_steps(cfg, steps_per_epoch), "world_size": world,
                 "device": str(accelerator.device), "distributed_type": str(accelerator.distributed_type),
                 "mixed_precision": accelerator.mixed_precision, "data_dir": str(data.data_dir),
-                "train_images": len(data.train), "val_images": len(data.val or []), "test_images": len(data.test)}
+                "train_images": len(data.train), "val_images": len(data.val or []), "test_images": len(data.test),
+                "class_names": list(data.class_names), **data.card_info()}
     if accelerator.is_main_process:
         _write_config(run_dir, cfg, resolved, data)
     log = RunLog(accelerator, run_dir, cfg.tensorboard, {**cfg.to_dict(), **resolved})
@@ -439,6 +439,7 @@ def _append_interruption(run_dir: Path, note: dict[str, Any]) -> None:
 def _evaluate(run: Run, dataset, out_dir: Path | None = None) -> dict[str, Any]:
     """Score the current weights on ``dataset`` with every rank (see :func:`distdet.eval.evaluate_model`)."""
     return evaluate_model(run.accelerator.unwrap_model(run.model), dataset, run.accelerator,
+                          class_names=run.data.class_names, category_ids=run.data.category_ids,
                           batch_size=run.cfg.eval_batch_size, num_workers=run.cfg.workers, out_dir=out_dir)
 
 
@@ -465,12 +466,11 @@ def _model_card(run: Run, metrics: dict[str, dict[str, float]]) -> ModelCard:
     cfg = run.cfg
     return ModelCard(
         model=cfg.model,
-        class_names=list(CLASS_NAMES),
+        class_names=list(run.data.class_names),
         build={"min_size": cfg.min_size, "max_size": cfg.max_size,
                "frozen_batchnorm": uses_frozen_batchnorm(run.accelerator.unwrap_model(run.model))},
         info={"trained_with": "distdet train", "run_dir": str(run.run_dir), "global_step": run.state.global_step,
-              "epoch": run.state.epoch, "data_dir": str(run.data.data_dir),
-              "split_manifest": str(run.data.manifest_path), "metrics": metrics,
+              "epoch": run.state.epoch, **run.data.card_info(), "metrics": metrics,
               "versions": _versions()},
     )
 
