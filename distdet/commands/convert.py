@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from distdet.data.class_list import resolve_class_list
     from distdet.data.convert import write_coco, write_voc
     from distdet.data.problems import DataError
     from distdet.data.sources import open_index
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {len(index.records)} images with {index.num_objects} objects from {args.src} ({index.format}) "
           f"to {out} ({args.to}){skipped}{note}")
     print(f"classes (labels 1..{len(index.class_names)}): {','.join(index.class_names)} from {index.class_source}")
-    if args.to == "voc" and list(index.class_names) != sorted(index.class_names):
+    if args.to == "voc" and resolve_class_list(found=index.class_names).names != index.class_names:
         print(f"the VOC copy does not record this order: pass --class-names {','.join(index.class_names)} "
               "when you use it")
     return 0
