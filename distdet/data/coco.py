@@ -44,7 +44,7 @@ import numpy as np
 
 from distdet.data.class_list import ClassList, resolve_class_list
 from distdet.data.images import IMAGE_SUFFIXES, MAX_PIXELS
-from distdet.data.index import DataIndex, check_image_size
+from distdet.data.index import DataIndex, check_image_size, settle_problems
 from distdet.data.problems import DataError, Problem, ProblemKind
 from distdet.data.records import ImageRecord
 from distdet.data.voc import read_untrusted_bytes
@@ -350,13 +350,7 @@ def build_coco_index(
             continue
         if image.clamped:
             clamped[image.stem] = image.clamped
-    if not records:
-        problems.append(Problem(ProblemKind.MISSING_IMAGE, path, "no usable image in the COCO file"))
-        raise DataError(problems, header=f"{len(problems)} problem(s) in {path}:")
-    if problems and not lenient:
-        raise DataError(problems, header=f"{len(problems)} problem(s) in {path} (use lenient mode to skip these images):")
-    for problem in problems:
-        log.warning("skipping %s", problem)
+    settle_problems(problems, bool(records), path, "no usable image in the COCO file", lenient, "images")
     unlisted = _unlisted(images_dir, {images_dir / im.file_name.replace("\\", "/") for im in images.values()})
     if unlisted:
         log.warning("%d image file(s) in %s are not listed in %s and are not used: %s%s", len(unlisted), images_dir,

@@ -127,6 +127,19 @@ def check_image_size(image_path: Path, annotation_path: Path, width: int, height
         )
 
 
+def settle_problems(problems: list[Problem], usable: bool, where: Path, nothing_usable: str, lenient: bool,
+                    skipped: str) -> None:
+    """Raise DataError listing ``problems`` when nothing is ``usable`` (either mode) or in strict
+    mode; in lenient mode log each problem as a skip of one of the ``skipped`` (files, images)."""
+    if not usable:
+        problems.append(Problem(ProblemKind.MISSING_IMAGE, where, nothing_usable))
+        raise DataError(problems, header=f"{len(problems)} problem(s) in {where}:")
+    if problems and not lenient:
+        raise DataError(problems, header=f"{len(problems)} problem(s) in {where} (use lenient mode to skip these {skipped}):")
+    for problem in problems:
+        log.warning("skipping %s", problem)
+
+
 def _declared_synthetic_names(data_dir: Path) -> tuple[str, ...] | None:
     """The ``class_names`` a synthetic dataset's ``synthetic.json`` declares, if any."""
     from distdet.data.synthetic import read_marker
@@ -214,12 +227,6 @@ def build_index(
         class_list = resolve_class_list(found=found, run=run_class_names, run_what=run_what)
         records = [_relabel(r, names, class_list.names) for r, names in zip(records, object_names)]
 
-    if not records:
-        problems.append(Problem(ProblemKind.MISSING_IMAGE, data_dir, "no usable image/annotation pairs"))
-        raise DataError(problems, header=f"{len(problems)} problem(s) in {data_dir}:")
-    if problems and not lenient:
-        raise DataError(problems, header=f"{len(problems)} problem(s) in {data_dir} (use lenient mode to skip these files):")
-    for problem in problems:
-        log.warning("skipping %s", problem)
+    settle_problems(problems, bool(records), data_dir, "no usable image/annotation pairs", lenient, "files")
     return DataIndex(data_dir=data_dir, class_names=class_list.names, records=records, problems=problems,
                      clamped=clamped, class_source=class_list.source)
