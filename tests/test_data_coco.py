@@ -82,6 +82,7 @@ def test_explicit_class_list_maps_categories_by_name(tmp_path: Path) -> None:
     ("[1, 2, 3]", "expected a JSON object with 'images', 'annotations' and 'categories', got a list"),
     ('{"images": {}, "annotations": [], "categories": []}', "'images' must be a list, got a object"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"images": [' + "7" * 5000 + '], "annotations": [], "categories": []}', "not valid JSON"),
     ('{"images": [' + "[" * 50_000 + "]" * 50_000 + '], "annotations": [], "categories": []}', "nested too deeply"),
 ])
 def test_hostile_structure_is_one_clear_error_naming_the_file(tmp_path: Path, content: str, expected: str) -> None:
@@ -164,6 +165,8 @@ def test_strict_mode_lists_every_problem(tmp_path: Path) -> None:
     ([{"id": "1", "name": "a"}], "categories[0]: 'id' must be an integer, got '1'"),
     ([{"id": True, "name": "a"}], "categories[0]: 'id' must be an integer, got True"),
     ([], "'categories' is empty"),
+    ([{"id": 1, "name": "a,b"}], "class names may not contain commas"),
+    ([{"id": 0, "name": "background"}, {"id": 1, "name": "a"}], "background cannot be a class name"),
 ])
 def test_bad_categories_are_fatal_even_when_lenient(tmp_path: Path, categories, expected: str) -> None:
     coco_folder(tmp_path, categories=categories)

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from distdet.data.index import DataIndex
-from distdet.data.problems import DataError, Problem
+from distdet.data.class_list import ClassListError
+from distdet.data.problems import DataError, Problem, ProblemKind
 from distdet.data.sources import dataset_format, open_index
 
 
@@ -83,6 +84,9 @@ def check_data(
         report.format = dataset_format(data_dir, annotations)
         index: DataIndex = open_index(data_dir, class_names, lenient=True, annotations=annotations,
                                       allow_empty=allow_empty, decode_images=decode_images)
+    except ClassListError as exc:  # names that cannot be a class list
+        report.problems = [Problem(ProblemKind.UNKNOWN_CLASS, Path(data_dir), str(exc))]
+        return report
     except DataError as exc:  # nothing usable: report what was found
         report.problems = exc.problems
         report.objects_per_class = dict.fromkeys(report.class_names, 0)

@@ -32,6 +32,10 @@ class ClassListError(ValueError):
     """A class list that is malformed, or that differs from the one it must match."""
 
 
+class ClassListMismatch(ClassListError):
+    """The data's class list differs from the run's (the message names both lists)."""
+
+
 @dataclass(frozen=True)
 class ClassList:
     """Resolved class names (label ``i + 1`` is ``names[i]``) and, in words, where they came from."""
@@ -76,9 +80,9 @@ def format_names(names: Sequence[str]) -> str:
 
 
 def check_same_classes(expected: Sequence[str], expected_what: str, actual: Sequence[str], actual_what: str) -> None:
-    """Raise ClassListError naming both lists unless they are equal (same names, same order)."""
+    """Raise ClassListMismatch naming both lists unless they are equal (same names, same order)."""
     if tuple(expected) != tuple(actual):
-        raise ClassListError(
+        raise ClassListMismatch(
             f"class list mismatch: {expected_what} has {format_names(expected)} but {actual_what} has "
             f"{format_names(actual)}; labels 1..K would mean different classes (pass --class-names "
             f"{','.join(expected)} to use the first list)")
@@ -98,18 +102,18 @@ def resolve_class_list(*, explicit: Sequence[str] | None = None, declared: Seque
     if explicit is not None:
         resolved = ClassList(tuple(explicit), "--class-names")
     elif declared is not None:
-        resolved = ClassList(tuple(declared), declared_source)
+        resolved = ClassList(parse_class_names(tuple(declared), declared_source), declared_source)
     elif run is not None:
         unknown = sorted(set(found) - set(run))
         if unknown:
-            raise ClassListError(
+            raise ClassListMismatch(
                 f"class list mismatch: {run_what} has {format_names(run)} but the VOC annotations also name "
                 f"{format_names(unknown)}")
         return ClassList(tuple(run), run_what)
     elif set(found) <= set(CLASS_NAMES):
         resolved = ClassList(CLASS_NAMES, "the face-mask class table")
     else:
-        resolved = ClassList(tuple(sorted(found)), "the VOC annotations (names sorted)")
+        resolved = ClassList(parse_class_names(sorted(found), "the VOC annotations"), "the VOC annotations (names sorted)")
         log.info("class list from the VOC annotations, sorted: %s (labels 1..%d); pass --class-names %s "
                  "to choose another order", ", ".join(resolved.names), len(resolved.names), ",".join(resolved.names))
     if run is not None:

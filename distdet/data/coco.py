@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from distdet.data.class_list import ClassList, resolve_class_list
+from distdet.data.class_list import ClassList, ClassListError, ClassListMismatch, resolve_class_list
 from distdet.data.images import IMAGE_SUFFIXES, MAX_PIXELS
 from distdet.data.index import DataIndex, check_image_size, settle_problems
 from distdet.data.problems import DataError, Problem, ProblemKind
@@ -95,8 +95,8 @@ def load_coco_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> dict[str, lis
         content = json.loads(data)
     except RecursionError:
         raise DataError.single(ProblemKind.MALFORMED_JSON, path, "JSON nested too deeply to be a COCO file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError.single(ProblemKind.MALFORMED_JSON, path, f"not valid JSON: {exc}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise DataError.single(ProblemKind.MALFORMED_JSON, path, f"not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(content, dict):
         raise DataError.single(ProblemKind.MALFORMED_JSON, path, "expected a JSON object with 'images', "
                                f"'annotations' and 'categories', got a {_type(content)}")
@@ -167,8 +167,14 @@ def _class_list(path: Path, categories: dict[int, str], class_names: Sequence[st
                 run_class_names: Sequence[str] | None, run_what: str) -> tuple[ClassList, dict[int, int]]:
     """The class list and category id -> label; unknown names under an explicit list are fatal."""
     declared = tuple(categories[c] for c in sorted(categories))
-    resolved = resolve_class_list(explicit=class_names, declared=declared,
-                                  declared_source=f"the categories of {path}", run=run_class_names, run_what=run_what)
+    try:
+        resolved = resolve_class_list(explicit=class_names, declared=declared,
+                                      declared_source=f"the categories of {path}", run=run_class_names,
+                                      run_what=run_what)
+    except ClassListMismatch:
+        raise
+    except ClassListError as exc:  # the categories' names cannot be a class list
+        raise DataError.single(ProblemKind.BAD_VALUE, path, str(exc)) from None
     label_of = {name: i + 1 for i, name in enumerate(resolved.names)}
     unknown = [f"{categories[c]!r} (id {c})" for c in sorted(categories) if categories[c] not in label_of]
     if unknown:
@@ -221,8 +227,10 @@ def _images(path: Path, entries: list, problems: list[Problem]) -> dict[int, _Im
         for key in (f"id {image.id}", f"file_name {image.file_name!r}", f"file stem {image.stem!r}"):
             claimed[key].append(len(parsed) - 1)
     clashing: set[int] = set()
+    reported: set[tuple[int, ...]] = set()
     for key, indices in claimed.items():
-        if len(indices) > 1:
+        if len(indices) > 1 and tuple(indices) not in reported:  # one file name clash is one stem clash too
+            reported.add(tuple(indices))
             clashing.update(indices)
             entries_text = ", ".join(parsed[j].where for j in indices)
             problems.append(Problem(ProblemKind.DUPLICATE_ID, path, f"{entries_text} share the {key}"))
