@@ -50,13 +50,30 @@ def _has_colour(image: np.ndarray, colour: tuple[int, int, int], at_least: int =
     return int(np.all(image == colour, axis=2).sum()) >= at_least
 
 
-def test_one_process_run_records_the_five_classes(five_class_data: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    check_ok(run(train_command([*TRAIN, "--data-dir", str(five_class_data), "--output-dir", str(run_dir),
-                                "--max-steps", "1"])))
-    assert _recorded_lists(run_dir) == dict.fromkeys(("card", "config", "config split", "split.json"), FIVE)
-    # the box predictor has one output per class plus background
+def test_one_process_run_on_a_coco_file_records_the_five_classes(five_class_data: Path, tmp_path: Path) -> None:
+    """Strict training stops naming the bad entry; --lenient skips its image and trains on the rest."""
     import torch
+
+    from distdet.data.convert import write_coco
+
+    coco = write_coco(open_index(five_class_data), tmp_path / "coco")
+    content = json.loads((coco / "annotations.json").read_text())
+    content["annotations"][3]["bbox"][1] = float("nan")
+    (coco / "annotations.json").write_text(json.dumps(content))
+    args = [*TRAIN, "--data-dir", str(coco), "--max-steps", "1"]
+    strict = run(train_command([*args, "--output-dir", str(tmp_path / "strict")]))
+    assert strict.returncode == 1 and "Traceback" not in strict.stderr
+    assert "annotations[3] (id 4) of images[" in strict.stderr and "bbox must be 4 finite numbers" in strict.stderr
+
+    run_dir = tmp_path / "run"
+    lenient = check_ok(run(train_command([*args, "--lenient", "--output-dir", str(run_dir)])))
+    assert "1 problem(s); the images concerned are skipped" in lenient.stderr
+    split = json.loads((run_dir / "split.json").read_text())
+    assert len(split["train"]) + len(split["test"]) == 11  # one of the 12 images skipped
+    assert _recorded_lists(run_dir) == dict.fromkeys(("card", "config", "config split", "split.json"), FIVE)
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["info"]["category_ids"] == [1, 2, 3, 4, 5] and card["info"]["annotations"] == str(coco / "annotations.json")
+    # the box predictor has one output per class plus background
     weights = torch.load(run_dir / "model.pt", weights_only=True)
     assert weights["roi_heads.box_predictor.cls_score.weight"].shape[0] == len(FIVE) + 1
 

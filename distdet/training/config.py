@@ -53,6 +53,8 @@ class TrainConfig:
         "comma-separated class names in label order (labels 1..K; 0 is background); default: the COCO "
         "categories, else the face-mask table when every VOC name is a face-mask class, else the VOC "
         "names sorted", group="data", metavar="A,B,C", default=None)
+    lenient: bool = _flag("skip images whose annotation or image file has a problem (each skip is logged and "
+                          "counted) instead of stopping with every problem listed", group="data", default=False)
     split: str = _flag("how to split train/test when no --split-manifest is given", group="data",
                        choices=SPLIT_KINDS, default="tutorial")
     test_fraction: float = _flag("--split stratified: fraction of the images held out for testing", group="data",

@@ -117,10 +117,12 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator,
     """
     data_dir = resolve_data_dir(cfg.data_dir, accelerator)
     run_class_names, run_what = recorded_class_names(cfg, resume_split)
-    index = open_index(data_dir, parse_class_names(cfg.class_names) if cfg.class_names else None,
+    index = open_index(data_dir, parse_class_names(cfg.class_names) if cfg.class_names else None, cfg.lenient,
                        annotations=cfg.annotations, run_class_names=run_class_names, run_what=run_what)
     logger.info("classes (labels 1..%d): %s, from %s", len(index.class_names), ", ".join(index.class_names),
                 index.class_source)
+    if index.problems:
+        logger.warning("--lenient: %d problem(s); the images concerned are skipped", len(index.problems))
     records = index.records
     manifest_path = Path(run_dir) / SPLIT_NAME
     split = replace(choose_split(cfg, records, resume_split), class_names=index.class_names)
