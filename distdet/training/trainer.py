@@ -1,6 +1,9 @@
 """The distdet training loop, to be read top to bottom.
 
-:func:`run_training` does, in order:
+:func:`run_training` builds the Accelerator, then :func:`_train` runs three functions, each a
+screen long: :func:`_set_up` (steps 1b-4), :func:`_train_epochs` with :func:`_run_epoch` (step 5)
+and :func:`_finish` (step 6). What is fixed for the run sits in :class:`Run`; what the loop
+changes, in :class:`LoopState`. In order:
 
 1. **Accelerator and run folder** - device (CPU when CUDA is absent), process group with a
    bounded collective timeout, mixed precision (fp16 refused on CPU), launch sanity checks; the
@@ -17,7 +20,9 @@
    "stop signal anywhere?", backward under ``accelerator.accumulate``; per optimizer step: clip,
    step, schedule, logging, periodic checkpoint, stop handling. Per epoch: checkpoint,
    evaluation, best model.
-6. **Finish** - final weights + model card, final test evaluation, ``report.json``.
+6. **Finish** - a checkpoint of the last step; then after a stop signal the interruption note
+   (and a Slurm requeue), otherwise the final test evaluation, the final weights + model card
+   (saved once, with the test metrics), ``report.json`` and the plots.
 
 Exit status: 0 done, 75 stopped by SIGUSR1/SIGTERM after a checkpoint, 1 failed, 2 bad launch.
 """
@@ -31,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +64,7 @@ from distdet.training.checkpoints import (
 )
 from distdet.training.config import TrainConfig, parse_config
 from distdet.training.data_setup import SPLIT_NAME, TrainingData, prepare_data
+from distdet.training.debug_hooks import DebugHooks
 from distdet.runtime.accelerator import LaunchError, agree_any, build_accelerator, leave_process_group
 from distdet.training.optim import build_optimizer, build_scheduler, effective_lr, resolve_warmup_steps
 from distdet.training.run_logging import Progress, RunLog, configure_logging
@@ -115,9 +122,18 @@ def run_training(cfg: TrainConfig) -> int:
         return EXIT_FAILED
 
 
-@dataclass
+class Outcome(Enum):
+    """How a stretch of training ended."""
+
+    EPOCH_END = "epoch_end"  # the epoch's batches are done (internal to the epoch loop)
+    FINISHED = "finished"  # every epoch is done
+    MAX_STEPS = "max_steps"  # --max-steps reached (a checkpoint is written)
+    STOP = "stop"  # every rank agreed to stop for a signal
+
+
+@dataclass(frozen=True)
 class Run:
-    """Everything the epoch loop needs, built once by :func:`_train`."""
+    """What is fixed for the whole run, built once by :func:`_set_up`."""
 
     cfg: TrainConfig
     accelerator: Accelerator
@@ -128,57 +144,47 @@ class Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    state: TrainerState
     log: RunLog
     progress: Progress
     stop: StopRequest
+    hooks: DebugHooks
     steps_per_epoch: int
-    loss_names: list[str] = field(default_factory=list)
+    start_time: float
+
+
+@dataclass
+class LoopState:
+    """What the loop changes as it goes: the checkpointed :class:`TrainerState` and the rest."""
+
+    state: TrainerState
     last_saved_step: int = -1
     bad_streak: int = 0
-    debug_file: Any = None
+    loss_names: list[str] = field(default_factory=list)
 
 
 def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
-    rank, world = accelerator.process_index, accelerator.num_processes
+    run, loop = _set_up(cfg, accelerator)
+    outcome = _train_epochs(run, loop)
+    return _finish(run, loop, outcome)
+
+
+def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]:
+    """Steps 1b-4 of the module docstring: run folder, data, model and optimizer, resume, logs."""
     start_time = time.time()
-    # -- 1b. run folder and what to resume from (decided on the main process, shared) ------------
+    world = accelerator.num_processes
     run_dir, resume_from = _run_dir_and_resume(cfg, accelerator)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     stop = StopRequest().install()
 
-    # -- 2. data ----------------------------------------------------------------------------------
     # a resumed run keeps the split of the run it resumes (its split.json), unless told otherwise
     resume_split = resume_from.parent.parent / SPLIT_NAME if resume_from is not None else None
     data = prepare_data(cfg, run_dir, accelerator, resume_split=resume_split)
-    train_set = SeededSampleDataset(data.train, cfg.seed)
-    group_ids = None
-    if cfg.aspect_ratio_group_factor >= 0:
-        group_ids = aspect_ratio_groups([r.width / r.height for r in data.train_records], cfg.aspect_ratio_group_factor)
-    sampler = EpochBatchSampler(len(train_set), cfg.batch_size, world, rank, cfg.seed, group_ids=group_ids)
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_detection,
-                        pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.workers > 0,
-                        worker_init_fn=ignore_stop_signals_in_worker,  # a stop signal is the main process's
-                        # its own generator: starting an epoch's iterator must not draw from the global
-                        # RNG, or a resumed run's random stream would shift (samples are seeded anyway)
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    sampler, loader = _train_loader(cfg, accelerator, data)
     steps_per_epoch = math.ceil(len(sampler.epoch_batches()) / cfg.grad_accum_steps)
 
-    # -- 3. model, optimizer, schedule -------------------------------------------------------------
-    with accelerator.main_process_first():  # the first process fills the weights cache
-        model = build_model(cfg.model, len(data.class_names), weights=cfg.weights, backbone_weights=cfg.backbone_weights,
-                            min_size=cfg.min_size, max_size=cfg.max_size,
-                            trainable_backbone_layers=cfg.trainable_backbone_layers,
-                            box_batch_size_per_image=cfg.box_batch_size_per_image,
-                            rpn_batch_size_per_image=cfg.rpn_batch_size_per_image)
     global_batch = cfg.batch_size * world * cfg.grad_accum_steps
     lr = effective_lr(cfg, global_batch)
-    optimizer = build_optimizer(model, cfg, lr)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-
-    # -- 4. resume ----------------------------------------------------------------------------------
+    model, optimizer, scheduler = _model_and_optimizer(cfg, accelerator, lr, steps_per_epoch, len(data.class_names))
     state = TrainerState(world_size=world, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps)
     if resume_from is not None:
         state = _resume(accelerator, resume_from, state)
@@ -196,58 +202,68 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> int:
               global_step=state.global_step, epoch=state.epoch, world_size=world, slurm_job_id=slurm_job_id())
     logger.info("run folder %s; %d processes on %s; %d train images, %d steps/epoch, global batch %d, lr %.5g",
                 run_dir, world, accelerator.device, len(data.train), steps_per_epoch, global_batch, lr)
-    run = Run(cfg, accelerator, run_dir, data, sampler, loader, model, optimizer, scheduler, state, log,
-              Progress(cfg.progress and accelerator.is_main_process, cfg.epochs * steps_per_epoch, state.global_step),
-              stop, steps_per_epoch, last_saved_step=state.global_step if resume_from else -1)
-    if cfg.debug_record_samples:
-        (run_dir / "debug").mkdir(parents=True, exist_ok=True)
-        run.debug_file = open(run_dir / "debug" / f"samples_rank{rank}.jsonl", "a")
-
-    # -- 5. epochs ------------------------------------------------------------------------------------
-    outcome = "max_steps" if _max_steps_reached(run) else "done"
-    while state.epoch < cfg.epochs and outcome == "done":
-        outcome = _run_epoch(run)
-        if outcome == "epoch_end":
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            if cfg.eval_every and (state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs):
-                _evaluate_and_keep_best(run)
-            _checkpoint(run)
-            outcome = "done" if not _max_steps_reached(run) else "max_steps"
-    run.progress.close()
-    if run.debug_file is not None:
-        run.debug_file.close()
-
-    if outcome == "stop":
-        return _stop_for_signal(run)
-
-    # -- 6. finish: final weights, card, test evaluation, report -------------------------------------
-    _checkpoint(run)
-    card = _model_card(run, {})
-    if accelerator.is_main_process:
-        save_detector(accelerator.unwrap_model(model), card, run_dir)
-    test_metrics: dict[str, Any] = {}
-    if cfg.final_eval:
-        test_metrics = scalar_metrics(_evaluate(run, data.test, out_dir=run_dir / "test_eval"))
-        run.log.metrics("test", state.global_step, test_metrics, epoch=state.epoch)
-        if accelerator.is_main_process:
-            save_detector(accelerator.unwrap_model(model), _model_card(run, {"test": test_metrics}), run_dir)
-    report = {"status": "finished" if outcome == "done" else "max_steps", "global_step": state.global_step,
-              "epoch": state.epoch, "updates": state.updates, "best_metric": state.best_metric,
-              "best_step": state.best_step, "test_metrics": test_metrics, "wall_time_s": time.time() - start_time,
-              "world_size": world}
-    if accelerator.is_main_process:
-        atomic_write_json(run_dir / "report.json", report)
-        _write_plots(run_dir)
-    log.event("finished", **{k: v for k, v in report.items() if k != "test_metrics"})
-    stop.uninstall()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return EXIT_OK
+    progress = Progress(cfg.progress and accelerator.is_main_process, cfg.epochs * steps_per_epoch, state.global_step)
+    hooks = DebugHooks(cfg.debug_nan_at_step, cfg.debug_nan_rank, cfg.debug_record_samples, run_dir,
+                       accelerator.process_index)
+    run = Run(cfg, accelerator, run_dir, data, sampler, loader, model, optimizer, scheduler, log, progress, stop,
+              hooks, steps_per_epoch, start_time)
+    return run, LoopState(state, last_saved_step=state.global_step if resume_from else -1)
 
 
-def _run_epoch(run: Run) -> str:
-    """Train the rest of the current epoch; return 'epoch_end', 'stop' or 'max_steps'."""
-    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+def _train_loader(cfg: TrainConfig, accelerator: Accelerator,
+                  data: TrainingData) -> tuple[EpochBatchSampler, DataLoader]:
+    """The sharded, optionally aspect-ratio-grouped batch sampler and the DataLoader over it."""
+    train_set = SeededSampleDataset(data.train, cfg.seed)
+    group_ids = None
+    if cfg.aspect_ratio_group_factor >= 0:
+        group_ids = aspect_ratio_groups([r.width / r.height for r in data.train_records], cfg.aspect_ratio_group_factor)
+    sampler = EpochBatchSampler(len(train_set), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
+                                cfg.seed, group_ids=group_ids)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_detection,
+                        pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.workers > 0,
+                        worker_init_fn=ignore_stop_signals_in_worker,  # a stop signal is the main process's
+                        # its own generator: starting an epoch's iterator must not draw from the global
+                        # RNG, or a resumed run's random stream would shift (samples are seeded anyway)
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    return sampler, loader
+
+
+def _model_and_optimizer(cfg: TrainConfig, accelerator: Accelerator, lr: float, steps_per_epoch: int,
+                         num_classes: int):
+    """The detector (``num_classes`` classes plus background) and optimizer wrapped by ``accelerator.prepare``
+    (DDP with several processes), and the schedule, registered for checkpointing only so it steps exactly
+    once per optimizer step."""
+    with accelerator.main_process_first():  # the first process fills the weights cache
+        model = build_model(cfg.model, num_classes, weights=cfg.weights, backbone_weights=cfg.backbone_weights,
+                            min_size=cfg.min_size, max_size=cfg.max_size,
+                            trainable_backbone_layers=cfg.trainable_backbone_layers,
+                            box_batch_size_per_image=cfg.box_batch_size_per_image,
+                            rpn_batch_size_per_image=cfg.rpn_batch_size_per_image)
+    optimizer = build_optimizer(model, cfg, lr)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    return model, optimizer, scheduler
+
+
+def _train_epochs(run: Run, loop: LoopState) -> Outcome:
+    """Step 5: epochs until the last one, ``--max-steps`` or a stop signal; after each epoch
+    evaluate (every ``--eval-every`` epochs and after the last) and checkpoint."""
+    cfg, state = run.cfg, loop.state
+    while state.epoch < cfg.epochs and not _max_steps_reached(run, loop):
+        outcome = _run_epoch(run, loop)
+        if outcome is not Outcome.EPOCH_END:
+            return outcome
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        if cfg.eval_every and (state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs):
+            _evaluate_and_keep_best(run, loop)
+        _checkpoint(run, loop)
+    return Outcome.MAX_STEPS if _max_steps_reached(run, loop) else Outcome.FINISHED
+
+
+def _run_epoch(run: Run, loop: LoopState) -> Outcome:
+    """Train the rest of the current epoch: EPOCH_END, STOP or MAX_STEPS."""
+    cfg, accelerator, state = run.cfg, run.accelerator, loop.state
     accum = cfg.grad_accum_steps
     run.sampler.set_epoch(state.epoch)
     first_batch = state.step_in_epoch * accum
@@ -260,53 +276,68 @@ def _run_epoch(run: Run) -> str:
     batches = iter(run.loader)
     for b in range(first_batch, num_batches):
         t0 = time.perf_counter()
-        images, targets = next(batches)
+        images, targets = _to_device(next(batches), accelerator.device)
         window.data_time += time.perf_counter() - t0
-        images = [img.to(accelerator.device, non_blocking=True) for img in images]
-        targets = [{k: v.to(accelerator.device, non_blocking=True) for k, v in t.items()} for t in targets]
-        if run.debug_file is not None:
-            run.debug_file.write(json.dumps({"epoch": state.epoch, "step": state.global_step,
-                                             "image_ids": [int(t["image_id"]) for t in targets]}) + "\n")
+        run.hooks.record(state.epoch, state.global_step, targets)
         group_start = b - b % accum
         group_size = min(accum, num_batches - group_start)
         # Tell accumulate() where this batch sits, so the last one of a (possibly short) group syncs.
         accelerator.step = accum - group_size + (b - group_start)
         with accelerator.accumulate(run.model):
-            loss_dict = run.model(images, targets)
-            if not run.loss_names:
-                run.loss_names = sorted(loss_dict)
-            loss = sum(loss_dict[name] for name in run.loss_names)
-            if state.global_step in cfg.debug_nan_at_step and cfg.debug_nan_rank in (-1, accelerator.process_index):
-                loss = loss * float("nan")  # testing aid: a poisoned loss
-            components = torch.stack([loss_dict[n].detach().float() for n in run.loss_names] + [loss.detach().float()])
-            local_bad = not bool(torch.isfinite(components).all())
-            any_bad, any_stop = agree_any(accelerator, [local_bad, run.stop.requested])
-            if local_bad:
-                bad_components = components
-            if any_bad:
-                group_bad = True
-            else:
-                accelerator.backward(loss * (accum / group_size))
-                window.add(components, len(images))
-        if b - group_start == group_size - 1:  # the end of an optimizer step
-            _optimizer_step(run, group_bad, bad_components)
-            group_bad, bad_components = False, None
-            state.global_step += 1
-            state.step_in_epoch += 1
-            _log_step(run, window, last_in_epoch=b == num_batches - 1)
-            if any_stop:
-                return "stop"
-            if _max_steps_reached(run):
-                _checkpoint(run)
-                return "max_steps"
-            if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
-                _checkpoint(run)
-    return "epoch_end"
+            components, local_bad, any_bad, any_stop = _forward_backward(run, loop, images, targets,
+                                                                         loss_scale=accum / group_size)
+        if local_bad:
+            bad_components = components
+        if any_bad:
+            group_bad = True
+        else:
+            window.add(components, len(images))
+        if b - group_start < group_size - 1:  # not yet the end of an optimizer step
+            continue
+        _optimizer_step(run, loop, group_bad, bad_components)
+        group_bad, bad_components = False, None
+        state.global_step += 1
+        state.step_in_epoch += 1
+        _log_step(run, loop, window, last_in_epoch=b == num_batches - 1)
+        if any_stop:
+            return Outcome.STOP
+        if _max_steps_reached(run, loop):
+            _checkpoint(run, loop)
+            return Outcome.MAX_STEPS
+        if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
+            _checkpoint(run, loop)
+    return Outcome.EPOCH_END
 
 
-def _optimizer_step(run: Run, group_bad: bool, bad_components: torch.Tensor | None) -> None:
+def _to_device(batch: tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]],
+               device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    images, targets = batch
+    return ([img.to(device, non_blocking=True) for img in images],
+            [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets])
+
+
+def _forward_backward(run: Run, loop: LoopState, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
+                      loss_scale: float) -> tuple[torch.Tensor, bool, bool, bool]:
+    """Forward one batch, then agree with every rank in ONE all-reduce on "non-finite loss
+    anywhere?" and "stop requested anywhere?"; backward unless some rank's loss was non-finite.
+
+    Returns (this rank's loss components + total, local bad, any rank bad, any rank stopping).
+    """
+    loss_dict = run.model(images, targets)
+    if not loop.loss_names:
+        loop.loss_names = sorted(loss_dict)
+    loss = run.hooks.poison(sum(loss_dict[name] for name in loop.loss_names), loop.state.global_step)
+    components = torch.stack([loss_dict[n].detach().float() for n in loop.loss_names] + [loss.detach().float()])
+    local_bad = not bool(torch.isfinite(components).all())
+    any_bad, any_stop = agree_any(run.accelerator, [local_bad, run.stop.requested])
+    if not any_bad:
+        run.accelerator.backward(loss * loss_scale)
+    return components, local_bad, any_bad, any_stop
+
+
+def _optimizer_step(run: Run, loop: LoopState, group_bad: bool, bad_components: torch.Tensor | None) -> None:
     """Clip and step, or skip a step whose loss was non-finite on any rank (weights untouched)."""
-    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    cfg, accelerator = run.cfg, run.accelerator
     grad_norm = None
     if not group_bad:
         max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else float("inf")
@@ -316,34 +347,35 @@ def _optimizer_step(run: Run, group_bad: bool, bad_components: torch.Tensor | No
             group_bad = True
     if group_bad:
         run.optimizer.zero_grad(set_to_none=True)
-        run.bad_streak += 1
-        _report_bad_step(run, bad_components, grad_norm)
-        if run.bad_streak >= cfg.max_bad_steps:
-            raise TrainingError(f"stopping: {run.bad_streak} consecutive steps with a non-finite loss or gradient "
-                                f"(--max-bad-steps {cfg.max_bad_steps}); last at step {state.global_step}. "
+        loop.bad_streak += 1
+        _report_bad_step(run, loop, bad_components, grad_norm)
+        if loop.bad_streak >= cfg.max_bad_steps:
+            raise TrainingError(f"stopping: {loop.bad_streak} consecutive steps with a non-finite loss or gradient "
+                                f"(--max-bad-steps {cfg.max_bad_steps}); last at step {loop.state.global_step}. "
                                 f"Lower --lr, enable --clip-grad-norm, or check the data.")
         return
     run.optimizer.step()
     if not accelerator.optimizer_step_was_skipped:
         run.scheduler.step()
-        state.updates += 1
+        loop.state.updates += 1
     run.optimizer.zero_grad(set_to_none=True)
-    run.bad_streak = 0
+    loop.bad_streak = 0
 
 
-def _report_bad_step(run: Run, bad_components: torch.Tensor | None, grad_norm: torch.Tensor | None) -> None:
-    accelerator = run.accelerator
-    names = run.loss_names + ["loss"]
+def _report_bad_step(run: Run, loop: LoopState, bad_components: torch.Tensor | None,
+                     grad_norm: torch.Tensor | None) -> None:
+    accelerator, state = run.accelerator, loop.state
+    names = loop.loss_names + ["loss"]
     local = bad_components if bad_components is not None else torch.zeros(len(names))
     per_rank = accelerator.gather(local.to(accelerator.device).reshape(1, -1)).cpu().tolist()
     details = {f"rank{r}": dict(zip(names, values)) for r, values in enumerate(per_rank)
                if not all(math.isfinite(v) for v in values)}
-    message = (f"step {run.state.global_step} skipped: non-finite "
-               f"{'loss' if details else 'gradient norm'} (bad steps in a row: {run.bad_streak}); {details or grad_norm}")
+    message = (f"step {state.global_step} skipped: non-finite "
+               f"{'loss' if details else 'gradient norm'} (bad steps in a row: {loop.bad_streak}); {details or grad_norm}")
     logger.warning(message)
     run.progress.write(message)
-    run.log.event("bad_step", global_step=run.state.global_step, epoch=run.state.epoch, components=details,
-                  grad_norm=None if grad_norm is None else float(grad_norm), consecutive=run.bad_streak)
+    run.log.event("bad_step", global_step=state.global_step, epoch=state.epoch, components=details,
+                  grad_norm=None if grad_norm is None else float(grad_norm), consecutive=loop.bad_streak)
 
 
 @dataclass
@@ -365,15 +397,15 @@ class _Window:
         self.sums, self.count, self.images, self.data_time, self.start = None, 0, 0, 0.0, time.perf_counter()
 
 
-def _log_step(run: Run, window: _Window, last_in_epoch: bool) -> None:
+def _log_step(run: Run, loop: LoopState, window: _Window, last_in_epoch: bool) -> None:
     """Progress bar every step; metrics (averaged over ranks) every --log-every steps."""
-    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    cfg, accelerator, state = run.cfg, run.accelerator, loop.state
     lr = run.optimizer.param_groups[0]["lr"]
     elapsed = max(time.perf_counter() - window.start, 1e-9)
     if state.global_step % cfg.log_every != 0 and not last_in_epoch:
         run.progress.update(state.epoch, cfg.epochs, {"lr": lr})
         return
-    names = run.loss_names + ["loss"]
+    names = loop.loss_names + ["loss"]
     local = torch.zeros(len(names) + 3, dtype=torch.float64)
     if window.sums is not None:
         local[: len(names)] = window.sums.double()
@@ -390,23 +422,42 @@ def _log_step(run: Run, window: _Window, last_in_epoch: bool) -> None:
     window.reset()
 
 
-def _max_steps_reached(run: Run) -> bool:
-    return bool(run.cfg.max_steps) and run.state.global_step >= run.cfg.max_steps
+def _max_steps_reached(run: Run, loop: LoopState) -> bool:
+    return bool(run.cfg.max_steps) and loop.state.global_step >= run.cfg.max_steps
 
 
-def _checkpoint(run: Run) -> None:
-    if run.state.global_step == run.last_saved_step:
+def _checkpoint(run: Run, loop: LoopState) -> None:
+    """A complete checkpoint of the current step, unless one was just written; every rank calls it."""
+    state = loop.state
+    if state.global_step == loop.last_saved_step:
         return
-    path = save_checkpoint(run.accelerator, run.run_dir, run.state, run.cfg.keep_checkpoints)
-    run.last_saved_step = run.state.global_step
-    run.log.event("checkpoint", path=str(path), global_step=run.state.global_step, epoch=run.state.epoch,
-                  step_in_epoch=run.state.step_in_epoch)
+    path = save_checkpoint(run.accelerator, run.run_dir, state, run.cfg.keep_checkpoints)
+    loop.last_saved_step = state.global_step
+    run.log.event("checkpoint", path=str(path), global_step=state.global_step, epoch=state.epoch,
+                  step_in_epoch=state.step_in_epoch)
 
 
-def _stop_for_signal(run: Run) -> int:
-    """All ranks agreed to stop: checkpoint, note the interruption, requeue under Slurm, exit 75."""
-    _checkpoint(run)
-    accelerator = run.accelerator
+def _finish(run: Run, loop: LoopState, outcome: Outcome) -> int:
+    """Step 6, for every way the epochs ended: a checkpoint of the last step, then either the
+    interruption note (exit 75) or the final model, test evaluation and report (exit 0)."""
+    run.progress.close()
+    run.hooks.close()
+    _checkpoint(run, loop)
+    if outcome is Outcome.STOP:
+        _note_interruption(run, loop)
+        status = EXIT_INTERRUPTED
+    else:
+        _save_final_model(run, loop, outcome)
+        status = EXIT_OK
+    run.stop.uninstall()
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return status
+
+
+def _note_interruption(run: Run, loop: LoopState) -> None:
+    """All ranks agreed to stop: requeue under Slurm, note the interruption and which rank got which signal."""
+    accelerator, state = run.accelerator, loop.state
     requeued, requeue_message = False, None
     job = slurm_job_id()
     if accelerator.is_main_process and job and run.cfg.requeue_on_signal:
@@ -414,19 +465,14 @@ def _stop_for_signal(run: Run) -> int:
         (logger.info if requeued else logger.error)("%s", requeue_message)
     received = gather_object([run.stop.signal_name])  # which rank got which signal
     note = {"signals": {f"rank{r}": name for r, name in enumerate(received) if name},
-            "global_step": run.state.global_step,
-            "epoch": run.state.epoch, "step_in_epoch": run.state.step_in_epoch,
+            "global_step": state.global_step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
             "checkpoint": str(run.run_dir / CHECKPOINTS_DIR), "slurm_job_id": job, "requeued": requeued,
             "requeue_message": requeue_message}
     run.log.event("interrupted", **note)
     if accelerator.is_main_process:
         _append_interruption(run.run_dir, note)
         logger.warning("stopped at step %d on request (%s); resume with --resume auto --output-dir %s",
-                       run.state.global_step, ", ".join(f"{r}: {n}" for r, n in note["signals"].items()), run.run_dir)
-    run.stop.uninstall()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return EXIT_INTERRUPTED
+                       state.global_step, ", ".join(f"{r}: {n}" for r, n in note["signals"].items()), run.run_dir)
 
 
 def _append_interruption(run_dir: Path, note: dict[str, Any]) -> None:
@@ -436,6 +482,26 @@ def _append_interruption(run_dir: Path, note: dict[str, Any]) -> None:
     atomic_write_json(path, notes)
 
 
+def _save_final_model(run: Run, loop: LoopState, outcome: Outcome) -> None:
+    """The final test evaluation (``--final-eval``), then the final weights and card (saved once,
+    with the test metrics), ``report.json`` and the plots."""
+    accelerator, state = run.accelerator, loop.state
+    test_metrics: dict[str, Any] = {}
+    if run.cfg.final_eval:
+        test_metrics = scalar_metrics(_evaluate(run, run.data.test, out_dir=run.run_dir / "test_eval"))
+        run.log.metrics("test", state.global_step, test_metrics, epoch=state.epoch)
+    report = {"status": outcome.value, "global_step": state.global_step, "epoch": state.epoch,
+              "updates": state.updates, "best_metric": state.best_metric, "best_step": state.best_step,
+              "test_metrics": test_metrics, "wall_time_s": time.time() - run.start_time,
+              "world_size": accelerator.num_processes}
+    if accelerator.is_main_process:
+        card = _model_card(run, loop, {"test": test_metrics} if test_metrics else {})
+        save_detector(accelerator.unwrap_model(run.model), card, run.run_dir)
+        atomic_write_json(run.run_dir / "report.json", report)
+        _write_plots(run.run_dir)
+    run.log.event("finished", **{k: v for k, v in report.items() if k != "test_metrics"})
+
+
 def _evaluate(run: Run, dataset, out_dir: Path | None = None) -> dict[str, Any]:
     """Score the current weights on ``dataset`` with every rank (see :func:`distdet.eval.evaluate_model`)."""
     return evaluate_model(run.accelerator.unwrap_model(run.model), dataset, run.accelerator,
@@ -443,8 +509,8 @@ def _evaluate(run: Run, dataset, out_dir: Path | None = None) -> dict[str, Any]:
                           batch_size=run.cfg.eval_batch_size, num_workers=run.cfg.workers, out_dir=out_dir)
 
 
-def _evaluate_and_keep_best(run: Run) -> None:
-    cfg, state = run.cfg, run.state
+def _evaluate_and_keep_best(run: Run, loop: LoopState) -> None:
+    cfg, state = run.cfg, loop.state
     split, dataset = run.data.eval_split
     metrics = scalar_metrics(_evaluate(run, dataset))
     run.log.metrics(split, state.global_step, metrics, epoch=state.epoch)
@@ -457,20 +523,20 @@ def _evaluate_and_keep_best(run: Run) -> None:
         state.best_metric, state.best_step = float(value), state.global_step
         if run.accelerator.is_main_process:
             best_dir = run.run_dir / "best"
-            save_detector(run.accelerator.unwrap_model(run.model), _model_card(run, {split: metrics}), best_dir)
+            save_detector(run.accelerator.unwrap_model(run.model), _model_card(run, loop, {split: metrics}), best_dir)
         run.log.event("best", metric=cfg.best_metric, value=float(value), global_step=state.global_step)
 
 
-def _model_card(run: Run, metrics: dict[str, dict[str, float]]) -> ModelCard:
+def _model_card(run: Run, loop: LoopState, metrics: dict[str, dict[str, float]]) -> ModelCard:
     """The card saved with final and best weights; ``metrics`` maps split name to scalar metrics."""
-    cfg = run.cfg
+    cfg, state = run.cfg, loop.state
     return ModelCard(
         model=cfg.model,
         class_names=list(run.data.class_names),
         build={"min_size": cfg.min_size, "max_size": cfg.max_size,
                "frozen_batchnorm": uses_frozen_batchnorm(run.accelerator.unwrap_model(run.model))},
-        info={"trained_with": "distdet train", "run_dir": str(run.run_dir), "global_step": run.state.global_step,
-              "epoch": run.state.epoch, **run.data.card_info(), "metrics": metrics,
+        info={"trained_with": "distdet train", "run_dir": str(run.run_dir), "global_step": state.global_step,
+              "epoch": state.epoch, **run.data.card_info(), "metrics": metrics,
               "versions": _versions()},
     )
 
