@@ -50,29 +50,40 @@ def _has_colour(image: np.ndarray, colour: tuple[int, int, int], at_least: int =
     return int(np.all(image == colour, axis=2).sum()) >= at_least
 
 
-def test_one_process_run_on_a_coco_file_records_the_five_classes(five_class_data: Path, tmp_path: Path) -> None:
-    """Strict training stops naming the bad entry; --lenient skips its image and trains on the rest."""
-    import torch
-
+@pytest.fixture(scope="module")
+def five_class_coco(five_class_data: Path, tmp_path_factory) -> Path:
+    """The five-class data as a COCO file whose annotation 3 has a NaN coordinate."""
     from distdet.data.convert import write_coco
 
-    coco = write_coco(open_index(five_class_data), tmp_path / "coco")
+    coco = write_coco(open_index(five_class_data), tmp_path_factory.mktemp("coco") / "data")
     content = json.loads((coco / "annotations.json").read_text())
     content["annotations"][3]["bbox"][1] = float("nan")
     (coco / "annotations.json").write_text(json.dumps(content))
-    args = [*TRAIN, "--data-dir", str(coco), "--max-steps", "1"]
-    strict = run(train_command([*args, "--output-dir", str(tmp_path / "strict")]))
+    return coco
+
+
+def test_training_on_a_bad_coco_file_stops_naming_the_entry(five_class_coco: Path, tmp_path: Path) -> None:
+    strict = run(train_command([*TRAIN, "--data-dir", str(five_class_coco), "--max-steps", "1",
+                                "--output-dir", str(tmp_path / "strict")]))
     assert strict.returncode == 1 and "Traceback" not in strict.stderr
     assert "annotations[3] (id 4) of images[" in strict.stderr and "bbox must be 4 finite numbers" in strict.stderr
 
+
+def test_lenient_one_process_run_on_a_coco_file_records_the_five_classes(five_class_coco: Path,
+                                                                        tmp_path: Path) -> None:
+    """--lenient skips the image of the bad entry and trains on the rest."""
+    import torch
+
     run_dir = tmp_path / "run"
-    lenient = check_ok(run(train_command([*args, "--lenient", "--output-dir", str(run_dir)])))
+    lenient = check_ok(run(train_command([*TRAIN, "--data-dir", str(five_class_coco), "--max-steps", "1",
+                                          "--lenient", "--output-dir", str(run_dir)])))
     assert "1 problem(s); the images concerned are skipped" in lenient.stderr
     split = json.loads((run_dir / "split.json").read_text())
     assert len(split["train"]) + len(split["test"]) == 11  # one of the 12 images skipped
     assert _recorded_lists(run_dir) == dict.fromkeys(("card", "config", "config split", "split.json"), FIVE)
     card = json.loads((run_dir / "model_card.json").read_text())
-    assert card["info"]["category_ids"] == [1, 2, 3, 4, 5] and card["info"]["annotations"] == str(coco / "annotations.json")
+    assert card["info"]["category_ids"] == [1, 2, 3, 4, 5]
+    assert card["info"]["annotations"] == str(five_class_coco / "annotations.json")
     # the box predictor has one output per class plus background
     weights = torch.load(run_dir / "model.pt", weights_only=True)
     assert weights["roi_heads.box_predictor.cls_score.weight"].shape[0] == len(FIVE) + 1
