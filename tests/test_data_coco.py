@@ -268,3 +268,21 @@ def test_crowd_and_original_ids_are_scored_as_pycocotools_scores_the_users_file(
     assert metrics["counts"]["crowd"] == {"person": 1} and metrics["counts"]["ground_truth"] == {"person": 2}
     # the crowd detection is ignored (not a false positive) by the VOC matching too: 2 TP, 1 FP
     assert metrics["confusion_matrix"]["counts"] == [[2, 0], [1, 0]]
+
+
+def test_check_data_reports_coco_as_it_reports_voc(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from distdet.cli import main
+
+    coco_folder(tmp_path / "d")
+    _image(tmp_path / "d" / "images" / "stray.png")
+    edit(tmp_path / "d", lambda c: c["annotations"][1].update(bbox=[1, 2, 0, 4]))
+    assert main(["check-data", str(tmp_path / "d"), "--json", str(tmp_path / "r.json")]) == 1
+    out = capsys.readouterr().out
+    assert f"Format: COCO ({tmp_path / 'd' / 'annotations.json'})" in out and "Classes: a, b (from the categories" in out
+    assert "Images: 2" in out and "  degenerate_box: 1" in out and "annotations[1] (id 2) of images[1] (id 101)" in out
+    assert "Unlisted images (in the image folder, not in the COCO file; not used): 1" in out and "Result: ERRORS" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["format"] == "coco" and report["class_names"] == ["a", "b"] and not report["ok"]
+    assert report["objects_per_class"] == {"a": 0, "b": 2} and len(report["unlisted_images"]) == 1
+    assert main(["check-data", str(tmp_path / "d"), "--lenient"]) == 0
+    assert "Result: OK in lenient mode (the images of 1 problem(s) would be skipped)" in capsys.readouterr().out

@@ -128,7 +128,9 @@ def format_report(report: DataReport) -> str:
     for kind, items in grouped.items():
         lines.append(f"  {kind}: {len(items)}")
         lines += [f"    {p.path}: {p.message}" for p in items]
-    if report.ok and report.problems:
+    if report.ok and report.problems and report.format == "coco":
+        lines.append(f"Result: OK in lenient mode (the images of {len(report.problems)} problem(s) would be skipped)")
+    elif report.ok and report.problems:
         files = len({p.path for p in report.problems})
         lines.append(f"Result: OK in lenient mode ({files} file(s) would be skipped)")
     else:
