@@ -122,7 +122,8 @@ def _finite(value: Any) -> bool:
 
 
 def _fields(entry: Any, where: str, wanted: dict[str, str]) -> str | None:
-    """Why ``entry`` is not an object with the ``wanted`` fields (name -> 'id'|'text'|'size'), or None."""
+    """Why ``entry`` is not an object with the ``wanted`` fields, or None; ``wanted`` maps a field
+    name to 'id' (an integer), 'size' (a positive integer), 'text' (a non-empty string) or 'any'."""
     if not isinstance(entry, dict):
         return f"{where}: expected an object, got a {_type(entry)}"
     for name, kind in wanted.items():
@@ -212,7 +213,7 @@ class _Image:
 def _images(path: Path, entries: list, problems: list[Problem]) -> dict[int, _Image]:
     """Valid images by id; entries with a bad field, or sharing an id, file name or stem, are problems."""
     images: dict[int, _Image] = {}
-    claimed: dict[str, list[int]] = defaultdict(list)  # "id 5" / "file x" / "stem y" -> entry indices
+    claimed: dict[str, list[int]] = defaultdict(list)  # "id 5", "file_name 'a.png'", "file stem 'a'" -> entries
     parsed: list[_Image] = []
     for i, entry in enumerate(entries):
         where = f"images[{i}]" + (f" (id {entry['id']})" if isinstance(entry, dict) and _integer(entry.get("id")) else "")
