@@ -189,7 +189,7 @@ def run_distdet(args: argparse.Namespace, threads: int, processes: int, tmp: Pat
                 extra_env: dict[str, str]) -> dict:
     run_dir = tmp / f"distdet_{tag}"
     per_rank_steps = args.warmup + args.steps
-    train = [str(REPO / "train.py"), "--data-dir", args.data_dir, "--split", "stratified", "--test-fraction", "0.05",
+    train = [str(REPO / "train.py"), "--data-dir", args.data_dir, "--split-scheme", "stratified", "--test-fraction", "0.05",
              "--model", args.model, "--weights", "none", "--min-size", str(args.min_size), "--max-size",
              str(args.max_size), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
              "--box-batch-size-per-image", str(args.box_batch_size_per_image),

@@ -11,8 +11,6 @@ from __future__ import annotations
 import colorsys
 from collections.abc import Sequence
 
-BACKGROUND_ID = 0
-
 #: Dataset class names in label order: ``CLASS_NAMES[i]`` has label ``i + 1``.
 CLASS_NAMES: tuple[str, ...] = ("with_mask", "without_mask", "mask_weared_incorrect")
 
@@ -38,13 +36,6 @@ def label_of(name: str, class_names: tuple[str, ...] = CLASS_NAMES) -> int:
         return class_names.index(name) + 1
     except ValueError:
         raise KeyError(f"unknown class {name!r}; known classes: {', '.join(class_names)}") from None
-
-
-def name_of(label: int, class_names: tuple[str, ...] = CLASS_NAMES) -> str:
-    """Return the class name of a 1-based label id; raise KeyError for 0 or out of range."""
-    if not 1 <= label <= len(class_names):
-        raise KeyError(f"label {label} is not a class id (1..{len(class_names)})")
-    return class_names[label - 1]
 
 
 def palette_colour(position: int) -> tuple[int, int, int]:

@@ -32,14 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the chosen subcommand; return its exit status."""
+    """Parse ``argv`` and run the chosen subcommand; return its exit status after the one exit
+    policy of :func:`distdet.runtime.accelerator.finish_process`."""
     args = build_parser().parse_args(argv)
     status = int(args.func(args) or 0)
-    if status == 0:  # multi-process evaluate/predict end with a collective: every rank is here
-        from distdet.runtime.accelerator import leave_process_group
+    from distdet.runtime.accelerator import finish_process  # after parsing: --help needs no torch
 
-        leave_process_group()
-    return status
+    return finish_process(status)
 
 
 if __name__ == "__main__":

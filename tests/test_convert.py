@@ -96,8 +96,8 @@ def test_real_data_trains_and_evaluates_identically_in_both_formats(tmp_path: Pa
     metrics = {}
     for name, data in (("voc", facemask_dir()), ("coco", coco)):
         out = tmp_path / f"eval-{name}"
-        done = distdet("evaluate", "--checkpoint", str(runs["voc"]), "--data-dir", str(data),
-                       "--split-manifest", str(manifest), "--out", str(out), "--num-rendered", "1")
+        done = distdet("evaluate", "--model-dir", str(runs["voc"]), "--data-dir", str(data),
+                       "--split-manifest", str(manifest), "--output-dir", str(out), "--num-rendered", "1")
         assert done.returncode == 0, done.stderr
         metrics[name] = json.loads((out / "metrics.json").read_text())
     assert metrics["voc"] == metrics["coco"] and metrics["voc"]["counts"]["images"] == 4

@@ -16,7 +16,7 @@ from distdet.classes import CLASS_NAMES
 from distdet.data import DetectionDataset, build_index
 from distdet.data.synthetic import make_synthetic_dataset
 from distdet.eval import compute_metrics, evaluate_model, predict_dataset
-from distdet.eval.evaluator import shard_batches
+from distdet.runtime.sharding import shard_batches
 from distdet.modeling.models import build_model
 
 MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"

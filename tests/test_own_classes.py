@@ -102,7 +102,7 @@ def test_two_process_training_evaluate_predict_export_use_the_five_classes(five_
     assert json.loads((run_dir / "test_eval" / "metrics.json").read_text())["class_names"] == FIVE
 
     # evaluate: names in the metrics, ground-truth boxes drawn in the five-class colours
-    done = distdet("evaluate", "--checkpoint", str(run_dir), "--out", str(tmp_path / "eval"))
+    done = distdet("evaluate", "--model-dir", str(run_dir), "--output-dir", str(tmp_path / "eval"))
     assert done.returncode == 0, done.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["class_names"] == FIVE and "voc/AP50/frog" in metrics and "coco/AP/cat" in metrics
@@ -118,7 +118,7 @@ def test_two_process_training_evaluate_predict_export_use_the_five_classes(five_
 
     # predict: names in predictions.json, a legend swatch in each class colour
     image = sorted((five_class_data / "images").iterdir())[0]
-    done = distdet("predict", "--checkpoint", str(run_dir), "--out", str(tmp_path / "pred"), str(image))
+    done = distdet("predict", "--model-dir", str(run_dir), "--output-dir", str(tmp_path / "pred"), str(image))
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "pred" / "predictions.json").read_text())["class_names"] == FIVE
     rendered = np.asarray(Image.open(next((tmp_path / "pred").glob("*.png"))).convert("RGB"))
@@ -126,7 +126,7 @@ def test_two_process_training_evaluate_predict_export_use_the_five_classes(five_
 
     # export: the class table beside the exported model
     exported = tmp_path / "export" / "model.pt"
-    done = distdet("export", "--checkpoint", str(run_dir), "--format", "torchscript", "--out", str(exported),
+    done = distdet("export", "--model-dir", str(run_dir), "--format", "torchscript", "--output-file", str(exported),
                    timeout=600)
     assert done.returncode == 0, done.stderr
     table = json.loads(exported.with_name("model.pt.classes.json").read_text())
@@ -140,6 +140,6 @@ def test_two_process_training_evaluate_predict_export_use_the_five_classes(five_
     assert resumed.returncode == 1 and "Traceback" not in resumed.stderr
     assert "class list mismatch: the resumed run" in resumed.stderr
     assert "[cat, dog, bird, fish, frog]" in resumed.stderr and "[frog, fish, bird, dog, cat]" in resumed.stderr
-    refused = distdet("evaluate", "--checkpoint", str(run_dir), "--class-names", reordered)
+    refused = distdet("evaluate", "--model-dir", str(run_dir), "--class-names", reordered)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "[cat, dog, bird, fish, frog]" in refused.stderr and "[frog, fish, bird, dog, cat]" in refused.stderr

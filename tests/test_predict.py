@@ -91,6 +91,26 @@ def test_import_distdet_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], env=child_env(), check=True, timeout=300)
 
 
+def test_the_api_and_the_evaluator_run_the_same_forward_pass(model_dir, data_dir):
+    """Same batches, same device and precision: the Detector and predict_dataset agree exactly."""
+    from accelerate import Accelerator
+
+    from distdet import load_detector
+    from distdet.data import DetectionDataset, build_index
+    from distdet.eval import predict_dataset
+
+    records = build_index(data_dir).records[:5]
+    detector = load_detector(model_dir, score_threshold=0.0, batch_size=2)
+    api = detector.predict([record.image_path for record in records])
+    evaluated = predict_dataset(detector.model, DetectionDataset(records), Accelerator(cpu=True), batch_size=2)
+    assert sum(len(result["detections"]) for result in api) > 0
+    for result, prediction in zip(api, evaluated, strict=True):
+        assert [d["box"] for d in result["detections"]] == [[round(v, 2) for v in box]
+                                                            for box in prediction["boxes"].tolist()]
+        assert [d["score"] for d in result["detections"]] == [round(v, 4) for v in prediction["scores"].tolist()]
+        assert [d["label_id"] for d in result["detections"]] == prediction["labels"].tolist()
+
+
 def test_api_names_a_missing_checkpoint_and_an_unreadable_image(model_dir, tmp_path):
     from distdet import load_detector
     from distdet.data import DataError

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from distdet.launch.slurm import (
-    LaunchError,
+    SlurmPlanError,
     accelerate_command,
     expand_hostlist,
     gpus_on_node,
@@ -91,7 +91,7 @@ def test_expand_hostlist_ranges_lists_and_plain_names():
 
 @pytest.mark.parametrize("bad", ["", "a[1-", "a[3-1]", "a[x]", "a]1[", "a,,b", "a[1-[2]]"])
 def test_expand_hostlist_rejects_malformed_lists(bad):
-    with pytest.raises(LaunchError):
+    with pytest.raises(SlurmPlanError):
         expand_hostlist(bad)
 
 
@@ -213,13 +213,13 @@ def test_route_interface_names_the_interface_holding_the_address_and_never_loopb
 
 
 def test_bad_job_environments_are_refused_with_the_variable_named():
-    with pytest.raises(LaunchError, match="SLURM_JOB_NODELIST"):
+    with pytest.raises(SlurmPlanError, match="SLURM_JOB_NODELIST"):
         plan_node({"SLURM_JOB_ID": "1", "SLURM_NODEID": "0"})
-    with pytest.raises(LaunchError, match="SLURM_NNODES=3"):
+    with pytest.raises(SlurmPlanError, match="SLURM_NNODES=3"):
         plan_node({**TWO_NODE_ENV, "SLURM_NNODES": "3", "SLURM_NODEID": "0"})
-    with pytest.raises(LaunchError, match="SLURM_NODEID"):
+    with pytest.raises(SlurmPlanError, match="SLURM_NODEID"):
         plan_node(TWO_NODE_ENV)
-    with pytest.raises(LaunchError, match="machine rank 2"):
+    with pytest.raises(SlurmPlanError, match="machine rank 2"):
         plan_node({**TWO_NODE_ENV, "SLURM_NODEID": "2"})
     result = subprocess.run(
         [sys.executable, "-m", "distdet.launch.slurm", "--dry-run", "train.py"],

@@ -1,11 +1,12 @@
-"""``distdet export --checkpoint RUN --format torchscript|onnx --out FILE``: a deployable model file."""
+"""``distdet export --model-dir RUN --format torchscript|onnx --output-file FILE``: a deployable model file."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from distdet.commands.predict import parse_probability
+from distdet.commands.arguments import add_model_dir, add_output
+from distdet.runtime.options import probability
 
 FORMAT_CHOICES = ("torchscript", "onnx")
 
@@ -26,14 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         allow_abbrev=False,
     )
-    parser.add_argument("--checkpoint", required=True, metavar="RUN_OR_WEIGHTS",
-                        help="model folder (model.pt + model_card.json) or a weights file with its card beside it")
+    add_model_dir(parser, required=True)
     parser.add_argument("--format", required=True, choices=FORMAT_CHOICES, help="export format")
-    parser.add_argument("--out", required=True, type=Path, metavar="FILE", help="file to write")
+    add_output(parser, "--output-file", "file to write", required=True)
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                         help="ONNX: size of the example image traced (any size runs later; "
                              "default: the model's min_size square)")
-    parser.add_argument("--score-threshold", type=parse_probability, metavar="S",
+    parser.add_argument("--score-threshold", type=probability, metavar="S",
                         help="score threshold fixed in the export (default: the model card's)")
     parser.add_argument("--verify", action="store_true",
                         help="compare the export's detections with the PyTorch model's on three synthetic "
@@ -53,15 +53,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"distdet export: error: --image-size {args.image_size} is too small (at least 32 px)", file=sys.stderr)
         return 2
     try:
-        model, card = load_detector_model(args.checkpoint)
+        model, card = load_detector_model(args.model_dir)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"distdet export: error: cannot load checkpoint {args.checkpoint}: {exc}", file=sys.stderr)
+        print(f"distdet export: error: cannot load checkpoint {args.model_dir}: {exc}", file=sys.stderr)
         return 2
     if args.score_threshold is not None:
         set_eval_thresholds(model, args.score_threshold, model.roi_heads.detections_per_img)
     try:
         images = load_verify_images(args.verify_images) if args.verify_images else None
-        path = export_model(model, args.format, args.out, tuple(args.image_size) if args.image_size else None)
+        path = export_model(model, args.format, args.output_file, tuple(args.image_size) if args.image_size else None)
         print(f"wrote {args.format} model {path} ({path.stat().st_size / 2**20:.1f} MiB) from {card.model}, "
               f"score threshold {model.roi_heads.score_thresh:g}")
         print(f"wrote its class table {write_class_table(path, card)}: labels 1..{len(card.class_names)} = "

@@ -15,20 +15,7 @@ from distdet.data.synthetic import (
     make_synthetic_dataset,
     read_marker,
 )
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+from distdet.runtime.options import non_negative_int, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,31 +31,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("out", metavar="OUT", help="folder to create; must be absent or empty unless --overwrite")
     parser.add_argument(
-        "--num-images", type=_positive_int, default=DEFAULT_NUM_IMAGES,
+        "--num-images", type=positive_int, default=DEFAULT_NUM_IMAGES,
         help=f"number of images to draw (default: {DEFAULT_NUM_IMAGES})",
     )
     parser.add_argument(
-        "--seed", type=_non_negative_int, default=0,
+        "--seed", type=non_negative_int, default=0,
         help="random seed; image i depends only on (seed, i) (default: 0)",
     )
     parser.add_argument(
-        "--width", type=_positive_int, default=DEFAULT_IMAGE_SIZE[0],
+        "--width", type=positive_int, default=DEFAULT_IMAGE_SIZE[0],
         help=f"image width in pixels (default: {DEFAULT_IMAGE_SIZE[0]})",
     )
     parser.add_argument(
-        "--height", type=_positive_int, default=DEFAULT_IMAGE_SIZE[1],
+        "--height", type=positive_int, default=DEFAULT_IMAGE_SIZE[1],
         help=f"image height in pixels (default: {DEFAULT_IMAGE_SIZE[1]})",
     )
     parser.add_argument(
-        "--max-objects", type=_positive_int, default=DEFAULT_MAX_OBJECTS,
+        "--max-objects", type=positive_int, default=DEFAULT_MAX_OBJECTS,
         help=f"at most this many faces per image; each image has at least one (default: {DEFAULT_MAX_OBJECTS})",
     )
     parser.add_argument(
-        "--min-face", type=_positive_int, default=DEFAULT_FACE_SIZE[0],
+        "--min-face", type=positive_int, default=DEFAULT_FACE_SIZE[0],
         help=f"smallest face height in pixels, at least 12 (default: {DEFAULT_FACE_SIZE[0]})",
     )
     parser.add_argument(
-        "--max-face", type=_positive_int, default=DEFAULT_FACE_SIZE[1],
+        "--max-face", type=positive_int, default=DEFAULT_FACE_SIZE[1],
         help=f"largest face height in pixels, at most min(width, height) (default: {DEFAULT_FACE_SIZE[1]})",
     )
     parser.add_argument(

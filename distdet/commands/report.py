@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from distdet.commands.arguments import add_output
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -18,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         allow_abbrev=False,
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="run folder holding metrics.jsonl")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="folder for the plots (default: RUN_DIR/plots)")
+    add_output(parser, "--output-dir", "folder for the plots (default: RUN_DIR/plots)")
     parser.set_defaults(func=run)
 
 
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from distdet.training.report import write_training_plots
 
     try:
-        paths = write_training_plots(args.run_dir, args.out)
+        paths = write_training_plots(args.run_dir, args.output_dir)
     except (FileNotFoundError, ValueError) as exc:
         print(f"distdet report: error: {exc}", file=sys.stderr)
         return 2

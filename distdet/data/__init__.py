@@ -1,27 +1,31 @@
-"""The dataset layer: VOC and COCO parsing, class lists, the in-memory index, the torch Dataset, transforms, splits."""
+"""The dataset layer: VOC and COCO parsing, class lists, the in-memory index, the torch Dataset, transforms, splits.
+
+The names below are imported on first use (:pep:`562`), so that importing a torch-free module
+of this package (``distdet.data.splits``, ``distdet.data.presets``, ...) does not import torch.
+"""
 from __future__ import annotations
 
-from distdet.data.dataset import DetectionDataset, collate_detection
-from distdet.data.images import load_rgb, read_image_size
-from distdet.data.index import DataIndex, build_index
-from distdet.data.problems import DataError, Problem, ProblemKind
-from distdet.data.records import ImageRecord
-from distdet.data.sources import open_index
-from distdet.data.splits import (
-    Split,
-    load_manifest,
-    make_split,
-    save_manifest,
-    select_records,
-    stratified_split,
-    tutorial_split,
-)
-from distdet.data.transforms import PRESETS, get_transforms
-from distdet.data.voc import parse_voc_annotation
+import importlib
+from typing import Any
 
-__all__ = [
-    "DataError", "DataIndex", "DetectionDataset", "ImageRecord", "PRESETS", "Problem", "ProblemKind",
-    "Split", "build_index", "collate_detection", "get_transforms", "load_manifest", "load_rgb",
-    "make_split", "open_index", "parse_voc_annotation", "read_image_size", "save_manifest", "select_records",
-    "stratified_split", "tutorial_split",
-]
+_EXPORTS: dict[str, str] = {
+    "DetectionDataset": "dataset", "collate_detection": "dataset",
+    "load_rgb": "images", "read_image_size": "images",
+    "DataIndex": "index", "build_index": "index",
+    "DataError": "problems", "Problem": "problems", "ProblemKind": "problems",
+    "ImageRecord": "records",
+    "open_index": "sources",
+    "Split": "splits", "choose_split": "splits", "load_manifest": "splits", "make_split": "splits",
+    "save_manifest": "splits", "select_part": "splits", "select_records": "splits",
+    "stratified_split": "splits", "tutorial_split": "splits",
+    "PRESETS": "presets", "get_transforms": "transforms",
+    "parse_voc_annotation": "voc",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'distdet.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"distdet.data.{_EXPORTS[name]}"), name)

@@ -13,7 +13,6 @@ is not applied: VOC boxes refer to the pixels as stored.
 from __future__ import annotations
 
 import os
-import stat
 import struct
 import warnings
 import zlib
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from distdet.data.files import stat_regular_file
 from distdet.data.problems import DataError, ProblemKind
 
 #: Pillow decoders that may open dataset images.
@@ -38,18 +38,14 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.
 
 def _is_regular(path: Path) -> bool:
     try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
+        stat_regular_file(path, "image")
+    except DataError:
         return False
+    return True
 
 
 def _open(path: Path, max_pixels: int) -> Image.Image:
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise DataError.single(ProblemKind.UNREADABLE_IMAGE, path, f"cannot stat image: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise DataError.single(ProblemKind.NOT_A_FILE, path, "image is not a regular file")
+    stat_regular_file(path, "image", stat_error=ProblemKind.UNREADABLE_IMAGE)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -13,7 +13,7 @@ import os
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ SPLIT_NAMES: tuple[str, ...] = ("tutorial", "stratified")
 #: Test-set size of the original tutorial (853 images: 683 train, 170 test).
 TUTORIAL_TEST_SIZE = 170
 _PARTS = ("train", "val", "test")
+#: The parts a command can select (``--split-part``): a split's three, or every record.
+SPLIT_PARTS: tuple[str, ...] = ("test", "train", "val", "all")
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,44 @@ def make_split(records: Sequence[ImageRecord], name: str = "tutorial", **kwargs:
     if name == "stratified":
         return stratified_split(records, **kwargs)
     raise ValueError(f"unknown split {name!r}; choose one of: {', '.join(SPLIT_NAMES)}")
+
+
+def choose_split(records: Sequence[ImageRecord], scheme: str = "tutorial", *, manifest: str | os.PathLike[str] | None = None,
+                 test_fraction: float = 0.2, seed: int = 0, val_fraction: float = 0.0) -> Split:
+    """The split a command uses: ``manifest``'s if given, else one made by ``scheme``.
+
+    ``test_fraction`` and ``seed`` apply to the stratified scheme. With ``val_fraction > 0`` and
+    no validation part yet, that fraction of the training stems is carved out as ``val``
+    (stratified, seeded with ``seed``), and the split's params record it.
+    """
+    if manifest is not None:
+        split = load_manifest(manifest)
+    elif scheme == "stratified":
+        split = make_split(records, "stratified", test_fraction=test_fraction, seed=seed)
+    else:
+        split = make_split(records, scheme)
+    if val_fraction > 0 and not split.val:
+        by_stem = {r.stem: r for r in records}
+        carved = stratified_split([by_stem[s] for s in split.train if s in by_stem],
+                                  test_fraction=val_fraction, seed=seed)
+        split = replace(split, train=carved.train, val=carved.test,
+                        params={**split.params, "val_fraction": val_fraction, "val_seed": seed})
+    return split
+
+
+def select_part(records: Sequence[ImageRecord], part: str, scheme: str = "tutorial",
+                manifest: str | os.PathLike[str] | None = None) -> list[ImageRecord]:
+    """The records of ``part`` (one of :data:`SPLIT_PARTS`; ``"all"`` = every record, in index
+    order) of :func:`choose_split`'s split; ValueError when that part is empty."""
+    if part == "all":
+        return list(records)
+    if part not in _PARTS:
+        raise ValueError(f"unknown split part {part!r}; choose one of: {', '.join(SPLIT_PARTS)}")
+    selected = choose_split(records, scheme, manifest=manifest).select(records)[part]
+    if not selected:
+        origin = f"manifest {manifest}" if manifest is not None else f"the {scheme} split"
+        raise ValueError(f"the {part!r} part of {origin} is empty; choose another --split-part")
+    return selected
 
 
 def save_manifest(path: str | os.PathLike[str], split: Split) -> Path:

@@ -173,6 +173,20 @@ def default_cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "distdet"
 
 
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+    """The absolute ``--data-dir``, or the synthetic default dataset when it is None.
+
+    Raises FileNotFoundError naming the flag when ``data_dir`` is not a folder. Safe to call
+    from every process of a launch at once (see :func:`default_data_dir`).
+    """
+    if data_dir is None:
+        return default_data_dir().resolve()
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--data-dir {path} is not a folder")
+    return path.resolve()
+
+
 def default_data_dir(
     num_images: int = DEFAULT_NUM_IMAGES,
     seed: int = 0,

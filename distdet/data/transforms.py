@@ -13,8 +13,7 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
-PRESETS: tuple[str, ...] = ("none", "eval", "hflip", "strong")
-DEFAULT_TRAIN_PRESET = "hflip"
+from distdet.data.presets import DEFAULT_TRAIN_PRESET, PRESETS
 
 
 def _to_float() -> list[v2.Transform]:
@@ -22,7 +21,7 @@ def _to_float() -> list[v2.Transform]:
 
 
 def _train_transforms(preset: str) -> list[v2.Transform]:
-    if preset in ("none", "eval"):
+    if preset == "none":
         return []
     if preset == "hflip":
         return [v2.RandomHorizontalFlip(p=0.5)]
@@ -37,7 +36,7 @@ def _train_transforms(preset: str) -> list[v2.Transform]:
 
 
 def get_transforms(preset: str = DEFAULT_TRAIN_PRESET, train: bool = True) -> Callable:
-    """Return the v2 transform of ``preset`` ("none", "eval", "hflip", "strong").
+    """Return the v2 transform of ``preset`` ("none", "hflip", "strong").
 
     With ``train=False`` every preset gives the evaluation transform (conversion only, no
     randomness). Raises ValueError naming the known presets for an unknown name.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 from lxml import etree
 
 from distdet.classes import CLASS_NAMES
+from distdet.data.files import read_untrusted_bytes
 from distdet.data.problems import DataError, Problem, ProblemKind
 
 #: Largest annotation file accepted (the real ones are about 1 KiB).
@@ -53,28 +53,6 @@ def make_xml_parser() -> etree.XMLParser:
         remove_comments=True,
         remove_pis=True,
     )
-
-
-def read_untrusted_bytes(path: Path, max_bytes: int) -> bytes:
-    """Read a regular file of at most ``max_bytes``; raise :class:`DataError` otherwise."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise DataError.single(ProblemKind.NOT_A_FILE, path, f"cannot stat file: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise DataError.single(ProblemKind.NOT_A_FILE, path, "not a regular file")
-    if st.st_size > max_bytes:
-        raise DataError.single(
-            ProblemKind.OVERSIZED_FILE, path, f"file is {st.st_size} bytes, the limit is {max_bytes}"
-        )
-    try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise DataError.single(ProblemKind.NOT_A_FILE, path, f"cannot read file: {exc.strerror}") from None
-    if len(data) > max_bytes:  # grew since stat
-        raise DataError.single(ProblemKind.OVERSIZED_FILE, path, f"file is larger than the limit of {max_bytes} bytes")
-    return data
 
 
 def _parse_number(text: str | None, what: str) -> float:
@@ -138,7 +116,7 @@ def parse_voc_annotation(
     labels once the class list is known (from ``names``).
     """
     path = Path(path)
-    root = _parse_tree(path, read_untrusted_bytes(path, max_bytes), parser or make_xml_parser())
+    root = _parse_tree(path, read_untrusted_bytes(path, max_bytes, "annotation"), parser or make_xml_parser())
     try:
         width = _parse_size(root.findtext("size/width"), "<size>/<width>")
         height = _parse_size(root.findtext("size/height"), "<size>/<height>")

@@ -1,18 +1,12 @@
 """Distributed evaluation: every rank predicts its shard, one metrics dict for all.
 
-Sharding works on *batches*: the dataset is cut into consecutive batches of ``batch_size``
-images in dataset order, and a ``DistributedSampler`` (no shuffling) hands whole batches to
-the ranks. Every image therefore sits in the same batch, with the same neighbours, whatever
-the number of processes. That matters because torchvision's detectors pad the images of a
-batch to a common size and the padding changes the features near the borders: per-image
-sharding would make the predictions, and so the metrics, depend on the world size. With
-batch-level sharding 1, 2 or N processes give identical predictions (the batch size itself
-still can change them slightly, as it does on one process).
-
-The sampler repeats batches to give every rank the same number; those duplicates are dropped
-by image id after gathering. Results are gathered as CPU numpy arrays with
-``accelerate.utils.gather_object``; the main process computes the metrics (and writes the
-output files), then broadcasts the dict, so every rank returns the same one.
+Sharding works on whole *batches* (:func:`distdet.runtime.sharding.shard_batches`), so 1, 2
+or N processes give identical predictions (the batch size itself still can change them
+slightly, as it does on one process). The shards are padded to give every rank the same
+number of batches; the repeated images are dropped by index after gathering. Results are
+gathered as CPU numpy arrays with ``accelerate.utils.gather_object``; the main process computes
+the metrics (and writes the output files), then broadcasts the dict, so every rank returns the
+same one.
 """
 from __future__ import annotations
 
@@ -22,18 +16,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from distdet.classes import CLASS_NAMES
 from distdet.data.dataset import collate_detection
 from distdet.eval.inputs import Prediction
 from distdet.eval.metrics import compute_metrics
 from distdet.eval.outputs import DEFAULT_NUM_RENDERED, write_evaluation_outputs
+from distdet.modeling.forward import detect
 from distdet.modeling.models import set_eval_thresholds
+from distdet.runtime.sharding import shard_batches
 from distdet.runtime.signals import ignore_stop_signals_in_worker
 
 logger = logging.getLogger(__name__)
@@ -44,25 +39,14 @@ EVAL_SCORE_THRESH = 0.01
 EVAL_DETECTIONS_PER_IMG = 100
 
 
-def shard_batches(num_items: int, batch_size: int, num_processes: int, process_index: int) -> list[list[int]]:
-    """This rank's batches (lists of dataset indices), as described in the module docstring."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    batches = [list(range(s, min(s + batch_size, num_items))) for s in range(0, num_items, batch_size)]
-    if not batches:
-        return []
-    sampler = DistributedSampler(batches, num_replicas=num_processes, rank=process_index, shuffle=False)
-    return [batches[i] for i in sampler]
-
-
 def predict_dataset(model: nn.Module, dataset: Dataset, accelerator: Accelerator, *, batch_size: int = 2,
                     num_workers: int = 0) -> list[Prediction]:
     """Run ``model`` over ``dataset`` on all ranks; return every image's prediction, in dataset
     order, on every rank.
 
     Each prediction holds CPU numpy ``boxes`` float32 ``[K, 4]`` xyxy, ``scores`` float32
-    ``[K]`` and ``labels`` int64 ``[K]``. Runs under ``torch.inference_mode()`` and the
-    accelerator's autocast (its mixed-precision setting); the model (unwrapped from any
+    ``[K]`` and ``labels`` int64 ``[K]``, from :func:`distdet.modeling.forward.detect` under the
+    accelerator's mixed-precision setting; the model (unwrapped from any
     distributed wrapper) is moved to the accelerator's device and put back into its previous
     train/eval mode afterwards. Dataset items are ``(image, target)`` pairs as
     :class:`distdet.data.DetectionDataset` returns them; only the image is used.
@@ -76,21 +60,16 @@ def predict_dataset(model: nn.Module, dataset: Dataset, accelerator: Accelerator
     net.eval()
     local: list[tuple[int, Prediction]] = []
     try:
-        with torch.inference_mode(), accelerator.autocast():
-            for indices, (images, _) in zip(mine, loader):
-                outputs = net([image.to(accelerator.device) for image in images])
-                for index, out in zip(indices, outputs):
-                    local.append((index, {
-                        "boxes": out["boxes"].float().cpu().numpy(),
-                        "scores": out["scores"].float().cpu().numpy(),
-                        "labels": out["labels"].to(torch.int64).cpu().numpy(),
-                    }))
+        for indices, (images, _) in zip(mine, loader):
+            outputs = detect(net, images, accelerator.device, accelerator.mixed_precision)
+            local.extend((index, {key: value.numpy() for key, value in out.items()})
+                         for index, out in zip(indices, outputs))
     finally:
         net.train(was_training)
     gathered = gather_object(local) if accelerator.num_processes > 1 else local
     by_index: dict[int, Prediction] = {}
     for index, prediction in gathered:
-        by_index.setdefault(index, prediction)  # sampler padding repeats batches: keep one
+        by_index.setdefault(index, prediction)  # padded shards repeat batches: keep one
     missing = sorted(set(range(num_items)) - set(by_index))
     if missing:
         raise RuntimeError(f"no prediction gathered for dataset items {missing[:10]}")

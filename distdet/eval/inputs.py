@@ -33,12 +33,6 @@ def ignored_flags(record: ImageRecord) -> np.ndarray:
     return difficult_flags(record) | record.crowd
 
 
-def empty_prediction() -> Prediction:
-    """A prediction with no detections."""
-    return {"boxes": np.zeros((0, 4), dtype=np.float64), "scores": np.zeros(0, dtype=np.float64),
-            "labels": np.zeros(0, dtype=np.int64)}
-
-
 def normalize_predictions(records: Sequence[ImageRecord], predictions: Sequence[Mapping[str, Any]],
                           num_classes: int) -> list[Prediction]:
     """Check ``predictions`` against ``records``; return float64 boxes/scores, int64 labels.

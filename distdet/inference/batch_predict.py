@@ -1,12 +1,10 @@
 """Predict a set of image files: rendered images, one ``predictions.json``, a line per image.
 
-Used by ``distdet predict``. The inputs are cut into consecutive batches of ``batch_size``
-images; under ``accelerate launch`` rank ``r`` of ``N`` predicts batches ``r, r + N, ...``
-and renders its own images. Every image thus sits in the same batch, with the same
-neighbours, for any number of processes (torchvision pads the images of a batch to one size,
-which changes the features near the borders, so per-image sharding would make the results
-depend on the process count). The results are gathered and the main process writes one
-merged ``predictions.json``, identical for 1 or N processes.
+Used by ``distdet predict``. Under ``accelerate launch`` each rank predicts and renders its
+share of whole batches (:func:`distdet.runtime.sharding.shard_batches`, unpadded: each image
+once), so every image sits in the same batch, with the same neighbours, for any number of
+processes. The results are gathered and the main process writes one merged
+``predictions.json``, identical for 1 or N processes.
 
 ``predictions.json``::
 
@@ -36,6 +34,7 @@ from distdet.data.voc import parse_voc_annotation
 from distdet.io_utils import atomic_write, atomic_write_json
 from distdet.inference.predictor import Detector
 from distdet.render import add_legend, draw_detections, side_by_side
+from distdet.runtime.sharding import shard_batches
 
 PREDICTIONS_NAME = "predictions.json"
 
@@ -103,12 +102,6 @@ def rendered_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def rank_batches(num_items: int, batch_size: int, num_processes: int, process_index: int) -> list[list[int]]:
-    """The batches (lists of input indices) that process ``process_index`` predicts."""
-    batches = [list(range(start, min(start + batch_size, num_items))) for start in range(0, num_items, batch_size)]
-    return batches[process_index::num_processes]
-
-
 def summary_line(result: dict[str, Any], class_names: Sequence[str]) -> str:
     """``file: 2 with_mask, 0 without_mask, 1 mask_weared_incorrect`` (every class listed)."""
     counts = Counter(d["label"] for d in result["detections"])
@@ -172,7 +165,8 @@ def predict_files(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     names = rendered_names(paths)
-    mine = rank_batches(len(paths), detector.batch_size, accelerator.num_processes, accelerator.process_index)
+    mine = shard_batches(len(paths), detector.batch_size, accelerator.num_processes, accelerator.process_index,
+                         pad=False)
     class_names = detector.class_names
     local: list[tuple[int, dict[str, Any] | None, dict[str, str] | None]] = []
     bar = tqdm(total=sum(map(len, mine)), desc="predict", unit="image", disable=not accelerator.is_main_process or len(paths) < 2)

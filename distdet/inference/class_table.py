@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distdet.classes import BACKGROUND_ID, class_colours
+from distdet.classes import class_colours
 from distdet.io_utils import atomic_write_json
 from distdet.modeling.model_card import ModelCard
 
@@ -22,7 +22,7 @@ def class_table(card: ModelCard) -> dict[str, Any]:
     colours = class_colours(card.class_names)
     return {
         "model": card.model,
-        "background_label": BACKGROUND_ID,
+        "background_label": 0,  # torchvision's detectors reserve label 0
         "classes": [{"label": i + 1, "name": name, "colour": list(colours[name])}
                     for i, name in enumerate(card.class_names)],
         "category_ids": card.info.get("category_ids"),

@@ -14,7 +14,6 @@ structure of each entry in the ``images`` list of ``predictions.json`` written b
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -24,13 +23,11 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from distdet.data.images import load_rgb
+from distdet.modeling.forward import check_mixed_precision, detect
 from distdet.modeling.model_card import ModelCard, load_detector_model
 from distdet.modeling.models import set_eval_thresholds
 
 ImageInput = Union[Image.Image, str, Path]
-
-#: ``--mixed-precision`` choices and the autocast dtype each stands for.
-PRECISIONS: dict[str, torch.dtype | None] = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Detector:
@@ -51,8 +48,7 @@ class Detector:
         mixed_precision: str = "no",
         batch_size: int = 4,
     ) -> None:
-        if mixed_precision not in PRECISIONS:
-            raise ValueError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {mixed_precision!r}")
+        check_mixed_precision(mixed_precision)
         if not 0.0 <= score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be within [0, 1], got {score_threshold}")
         if batch_size < 1:
@@ -87,23 +83,12 @@ class Detector:
 
     def predict_pil(self, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
         """Run the model on PIL images in one forward pass; results without ``file``."""
-        if not images:
-            return []
-        tensors = [image_to_tensor(image).to(self.device) for image in images]
-        with torch.inference_mode(), self._autocast():
-            outputs = self.model(tensors)
+        outputs = detect(self.model, [image_to_tensor(image) for image in images], self.device,
+                         self.mixed_precision)
         return [self._result(image, output) for image, output in zip(images, outputs)]
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = PRECISIONS[self.mixed_precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     def _result(self, image: Image.Image, output: dict[str, torch.Tensor]) -> dict[str, Any]:
-        boxes = output["boxes"].float().cpu().tolist()
-        labels = output["labels"].cpu().tolist()
-        scores = output["scores"].float().cpu().tolist()
+        boxes, labels, scores = (output[key].tolist() for key in ("boxes", "labels", "scores"))
         detections = [
             {"box": [round(v, 2) for v in box], "label": self.class_names[label - 1], "label_id": int(label),
              "score": round(score, 4)}

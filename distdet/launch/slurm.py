@@ -55,6 +55,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from distdet.runtime.options import MIXED_PRECISION_CHOICES
+
 #: The Accelerate config files shipped inside the package (``launch/accelerate/`` of a checkout
 #: links to them), so an installed distdet launches without a checkout beside it.
 CONFIG_DIR = Path(__file__).resolve().parent / "accelerate"
@@ -74,8 +76,9 @@ INHERITED_DIST_VARS = (
 )
 
 
-class LaunchError(ValueError):
-    """The job's environment or the options do not describe a launchable job."""
+class SlurmPlanError(ValueError):
+    """The job's environment or the options do not describe a launchable job (no Accelerator
+    involved: :class:`distdet.runtime.accelerator.LaunchError` is the Accelerator's refusal)."""
 
 
 # -- node lists ------------------------------------------------------------------------------
@@ -85,16 +88,16 @@ def _split_top_level(expr: str) -> list[str]:
         if ch == "[":
             depth += 1
             if depth > 1:
-                raise LaunchError(f"node list {expr!r}: nested '[' at position {i}")
+                raise SlurmPlanError(f"node list {expr!r}: nested '[' at position {i}")
         elif ch == "]":
             depth -= 1
             if depth < 0:
-                raise LaunchError(f"node list {expr!r}: ']' without '[' at position {i}")
+                raise SlurmPlanError(f"node list {expr!r}: ']' without '[' at position {i}")
         elif ch == "," and depth == 0:
             parts.append(expr[start:i])
             start = i + 1
     if depth != 0:
-        raise LaunchError(f"node list {expr!r}: unclosed '['")
+        raise SlurmPlanError(f"node list {expr!r}: unclosed '['")
     parts.append(expr[start:])
     return parts
 
@@ -104,10 +107,10 @@ def _expand_range_body(body: str, expr: str) -> list[str]:
     for piece in body.split(","):
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", piece.strip())
         if match is None:
-            raise LaunchError(f"node list {expr!r}: bad range {piece!r} in [{body}]")
+            raise SlurmPlanError(f"node list {expr!r}: bad range {piece!r} in [{body}]")
         low, high = match.group(1), match.group(2) or match.group(1)
         if int(high) < int(low):
-            raise LaunchError(f"node list {expr!r}: range {piece!r} runs backwards")
+            raise SlurmPlanError(f"node list {expr!r}: range {piece!r} runs backwards")
         width = len(low)  # Slurm pads every number to the width of the range's start
         values.extend(str(n).zfill(width) for n in range(int(low), int(high) + 1))
     return values
@@ -129,11 +132,11 @@ def expand_hostlist(expr: str) -> list[str]:
     Several bracket groups in one name expand as a product (``r[1-2]n[1-2]``)."""
     expr = expr.strip()
     if not expr:
-        raise LaunchError("empty node list")
+        raise SlurmPlanError("empty node list")
     hosts = []
     for item in _split_top_level(expr):
         if not item:
-            raise LaunchError(f"node list {expr!r}: empty entry")
+            raise SlurmPlanError(f"node list {expr!r}: empty entry")
         hosts.extend(_expand_item(item, expr))
     return hosts
 
@@ -207,7 +210,7 @@ def port_for_job(job_id: str | int) -> int:
     try:
         number = int(str(job_id).split("_")[0])
     except ValueError as err:
-        raise LaunchError(f"SLURM_JOB_ID {job_id!r} is not a number") from err
+        raise SlurmPlanError(f"SLURM_JOB_ID {job_id!r} is not a number") from err
     return BASE_PORT + number % PORT_SPREAD
 
 
@@ -218,7 +221,7 @@ def _count_gres(spec: str) -> int:
         last = entry.strip().split(":")[-1]
         match = re.match(r"\d+", last)
         if match is None:
-            raise LaunchError(f"cannot read a GPU count from {spec!r}")
+            raise SlurmPlanError(f"cannot read a GPU count from {spec!r}")
         total += int(match.group(0))
     return total
 
@@ -272,9 +275,9 @@ def _positive_int(value: str | int, what: str) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError) as err:
-        raise LaunchError(f"{what} must be a whole number, got {value!r}") from err
+        raise SlurmPlanError(f"{what} must be a whole number, got {value!r}") from err
     if number < 1:
-        raise LaunchError(f"{what} must be at least 1, got {number}")
+        raise SlurmPlanError(f"{what} must be at least 1, got {number}")
     return number
 
 
@@ -290,26 +293,26 @@ def plan_node(
     """Derive one node's launch from a Slurm job environment (see the module docstring).
 
     ``cpu_procs`` forces CPU processes; ``gpus_per_node`` overrides GPU detection (0 = CPU).
-    Raises LaunchError naming the variable when the environment is not a Slurm job's.
+    Raises SlurmPlanError naming the variable when the environment is not a Slurm job's.
     """
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
-        raise LaunchError("SLURM_JOB_NODELIST is not set: run inside a Slurm job (sbatch/srun)")
+        raise SlurmPlanError("SLURM_JOB_NODELIST is not set: run inside a Slurm job (sbatch/srun)")
     hosts = tuple(job_hostnames(nodelist, env))
     nnodes = env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES")
     if nnodes and int(nnodes) != len(hosts):
-        raise LaunchError(f"SLURM_NNODES={nnodes} but SLURM_JOB_NODELIST={nodelist!r} names {len(hosts)} hosts")
+        raise SlurmPlanError(f"SLURM_NNODES={nnodes} but SLURM_JOB_NODELIST={nodelist!r} names {len(hosts)} hosts")
     if machine_rank is None:
         node_id = env.get("SLURM_NODEID", "").strip()
         if not node_id:
-            raise LaunchError("SLURM_NODEID is not set: run one task per node with srun")
+            raise SlurmPlanError("SLURM_NODEID is not set: run one task per node with srun")
         machine_rank = int(node_id)
     if not 0 <= machine_rank < len(hosts):
-        raise LaunchError(f"machine rank {machine_rank} outside 0..{len(hosts) - 1} for nodes {list(hosts)}")
+        raise SlurmPlanError(f"machine rank {machine_rank} outside 0..{len(hosts) - 1} for nodes {list(hosts)}")
     if main_port is None:
         job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
         if not job_id:
-            raise LaunchError("SLURM_JOB_ID is not set and no main port was given")
+            raise SlurmPlanError("SLURM_JOB_ID is not set and no main port was given")
         main_port = port_for_job(job_id)
     address = main_addr or node_address(hosts[0], env)
 
@@ -339,7 +342,7 @@ def accelerate_command(
     """The ``accelerate launch`` argv for ``plan``'s node."""
     config = Path(config_dir) / plan.config_name
     if not config.is_file():
-        raise LaunchError(f"Accelerate config {config} does not exist")
+        raise SlurmPlanError(f"Accelerate config {config} does not exist")
     cmd = [python, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     if plan.use_cpu and plan.num_processes == 1:
         cmd.append("--cpu")  # the simple launcher; the config's MULTI_GPU needs >= 2 processes
@@ -389,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--main-addr", help="main process address (default: first node's address)")
     parser.add_argument("--main-port", type=int, help="main process port (default: 29500 + job id %% 1000)")
     parser.add_argument("--machine-rank", type=int, help="this node's rank (default: SLURM_NODEID)")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="override the config's")
+    parser.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES, help="override the config's")
     parser.add_argument("--config-dir", type=Path, default=CONFIG_DIR, help="folder of Accelerate configs")
     parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     parser.add_argument("--all-nodes", action="store_true", help="with --dry-run: print every node's command")
@@ -418,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config_dir=args.config_dir, mixed_precision=args.mixed_precision,
             )
             commands.append((node_plan, cmd))
-    except LaunchError as err:
+    except SlurmPlanError as err:
         print(f"distdet.launch.slurm: error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:

@@ -18,6 +18,7 @@ from torchvision.models.detection import faster_rcnn as tv_frcnn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from distdet.modeling.names import MODEL_NAMES, TORCHVISION_MODEL_NAMES
 from distdet.modeling.weights import ensure_available, load_state_dict_file
 
 logger = logging.getLogger(__name__)
@@ -55,10 +56,8 @@ TORCHVISION_MODELS: dict[str, TorchvisionModel] = {
     ),
 }
 
-#: Models built outside torchvision's registry (optional extras).
-EXTRA_MODELS: tuple[str, ...] = ("fasterrcnn_lite0_fpn",)
-
-MODEL_NAMES: tuple[str, ...] = tuple(TORCHVISION_MODELS) + EXTRA_MODELS
+if tuple(TORCHVISION_MODELS) != TORCHVISION_MODEL_NAMES:
+    raise ImportError("distdet.modeling.names.TORCHVISION_MODEL_NAMES must list TORCHVISION_MODELS' keys in order")
 
 
 def build_model(
@@ -198,13 +197,6 @@ def _freeze_batchnorm(module: nn.Module) -> None:
 def uses_frozen_batchnorm(model: nn.Module) -> bool:
     """True when the detector's backbone normalises with frozen (statistics-free) batch norm."""
     return any("Frozen" in type(m).__name__ for m in model.backbone.modules())
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """Return (total, trainable) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
 
 
 def set_eval_thresholds(model: nn.Module, score_thresh: float, detections_per_img: int) -> tuple[float, int]:

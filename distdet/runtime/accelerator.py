@@ -1,5 +1,10 @@
 """Building the Accelerator safely: device, mixed precision, collective timeout, launch checks.
 
+``train``, ``evaluate`` and ``predict`` all get their Accelerator from :func:`build_accelerator`,
+so fp16 is refused on CPU, collectives time out after ``--dist-timeout`` seconds, the backend
+is gloo on CPU and NCCL on GPUs, and a broken launch is refused, the same way for every
+command. They all end through :func:`finish_process`.
+
 Launching several CPU processes (gloo) with accelerate 1.x, measured on a machine without GPUs:
 
 - works: ``accelerate launch --config_file launch/accelerate/cpu_2proc.yaml train.py ...``
@@ -23,6 +28,9 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from distdet.runtime.options import DEFAULT_DIST_TIMEOUT_S, MIXED_PRECISION_CHOICES
+from distdet.runtime.signals import EXIT_INTERRUPTED
+
 logger = logging.getLogger(__name__)
 
 CPU_LAUNCH_HINT = (
@@ -39,14 +47,18 @@ def resolve_mixed_precision(requested: str | None) -> str:
     """``--mixed-precision`` if given, else the launcher's (ACCELERATE_MIXED_PRECISION), else 'no'."""
     value = requested or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") or "no"
     value = value.lower()
-    if value not in ("no", "fp16", "bf16"):
-        raise LaunchError(f"mixed precision {value!r} is not supported; use no, fp16 or bf16")
+    if value not in MIXED_PRECISION_CHOICES:
+        raise LaunchError(f"mixed precision {value!r} is not supported; use {', '.join(MIXED_PRECISION_CHOICES)}")
     return value
 
 
-def build_accelerator(*, cpu: bool, mixed_precision: str | None, grad_accum_steps: int,
-                      dist_timeout: float) -> Accelerator:
-    """Create the Accelerator; raise :class:`LaunchError` for fp16 on CPU or a broken launch."""
+def build_accelerator(*, cpu: bool, mixed_precision: str | None, grad_accum_steps: int = 1,
+                      dist_timeout: float = DEFAULT_DIST_TIMEOUT_S) -> Accelerator:
+    """Create the Accelerator; raise :class:`LaunchError` for fp16 on CPU or a broken launch.
+
+    ``cpu``: use the CPU even when CUDA is available (the CPU is used anyway without CUDA).
+    ``mixed_precision`` None means the launcher's setting (see :func:`resolve_mixed_precision`).
+    """
     use_cpu = cpu or not torch.cuda.is_available()
     precision = resolve_mixed_precision(mixed_precision)
     if use_cpu and precision == "fp16":
@@ -89,6 +101,19 @@ def agree_any(accelerator: Accelerator, flags: list[bool]) -> list[bool]:
     tensor = torch.tensor([1.0 if f else 0.0 for f in flags], device=accelerator.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return [bool(v) for v in tensor.tolist()]
+
+
+def finish_process(status: int) -> int:
+    """Every command's exit: leave the process group after a run that ended normally; return ``status``.
+
+    Status 0 (done) and :data:`~distdet.runtime.signals.EXIT_INTERRUPTED` (75, stopped by a
+    signal after a checkpoint) are reached by every rank through a final collective, so
+    :func:`leave_process_group` cannot wait on a rank that is gone. Any other status may be
+    one rank's alone: the process then exits without a barrier (the launcher ends the others).
+    """
+    if status in (0, EXIT_INTERRUPTED):
+        leave_process_group()
+    return status
 
 
 def leave_process_group() -> None:

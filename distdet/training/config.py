@@ -3,8 +3,10 @@
 Each :class:`TrainConfig` field is one command-line flag (``--field-name``), with its help
 text and choices in the field's metadata, so the flags, their defaults and ``--help`` can never
 drift apart. ``--config FILE`` (YAML ``.yaml/.yml`` or TOML ``.toml``) supplies values by the
-same names (dashes or underscores); flags given on the command line override the file.
-The class list may also be given there as ``classes:`` and as a list of names.
+same names (dashes or underscores); flags given on the command line override the file. A
+renamed option keeps its old spelling as a hidden alias, on the command line and in files
+(``--split`` for ``--split-scheme``). The class list may also be given there as ``classes:``
+and as a list of names.
 """
 from __future__ import annotations
 
@@ -19,19 +21,21 @@ from typing import Any
 import yaml
 
 from distdet.data.class_list import parse_class_names
-from distdet.data.transforms import PRESETS
-from distdet.modeling.models import MODEL_NAMES
+from distdet.data.splits import SPLIT_NAMES
+from distdet.data.presets import PRESETS
+from distdet.modeling.names import MODEL_NAMES
+from distdet.runtime.options import DEFAULT_DIST_TIMEOUT_S, MIXED_PRECISION_CHOICES, add_hidden_alias, old_spelling
 
-SPLIT_KINDS = ("tutorial", "stratified")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("multistep", "cosine")
-MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 def _flag(help: str, *, group: str, choices: Sequence[Any] | None = None, metavar: str | None = None,
-          item_type: type | None = None, default: Any = dataclasses.MISSING,
+          item_type: type | None = None, old_name: str | None = None, default: Any = dataclasses.MISSING,
           default_factory: Any = dataclasses.MISSING) -> Any:
-    meta = {"help": help, "group": group, "choices": choices, "metavar": metavar, "item_type": item_type}
+    """A field's metadata; ``old_name``: the option's former name, still accepted (hidden)."""
+    meta = {"help": help, "group": group, "choices": choices, "metavar": metavar, "item_type": item_type,
+            "old_name": old_name}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -55,9 +59,9 @@ class TrainConfig:
         "names sorted", group="data", metavar="A,B,C", default=None)
     lenient: bool = _flag("skip images whose annotation or image file has a problem (each skip is logged and "
                           "counted) instead of stopping with every problem listed", group="data", default=False)
-    split: str = _flag("how to split train/test when no --split-manifest is given", group="data",
-                       choices=SPLIT_KINDS, default="tutorial")
-    test_fraction: float = _flag("--split stratified: fraction of the images held out for testing", group="data",
+    split_scheme: str = _flag("how to split train/test when no --split-manifest is given", group="data",
+                              choices=SPLIT_NAMES, old_name="split", default="tutorial")
+    test_fraction: float = _flag("--split-scheme stratified: fraction of the images held out for testing", group="data",
                                  default=0.2)
     split_manifest: str | None = _flag(
         "reuse the train/test split of this manifest JSON (e.g. split.json of an earlier run)",
@@ -124,7 +128,7 @@ class TrainConfig:
                                   group="train", default=0.0)
     mixed_precision: str | None = _flag(
         "mixed precision (default: the launcher's config, else no); fp16 needs a CUDA GPU, bf16 runs on "
-        "CPU and recent GPUs", group="train", choices=MIXED_PRECISION, default=None)
+        "CPU and recent GPUs", group="train", choices=MIXED_PRECISION_CHOICES, default=None)
     max_steps: int = _flag("stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit",
                            group="train", default=0)
     max_bad_steps: int = _flag("stop with an error after this many consecutive steps with a non-finite loss",
@@ -159,7 +163,7 @@ class TrainConfig:
 
     # -- distributed and cluster --------------------------------------------------------------------
     dist_timeout: float = _flag("seconds a collective waits for the other ranks before failing",
-                                group="dist", default=60.0)
+                                group="dist", default=DEFAULT_DIST_TIMEOUT_S)
     requeue_on_signal: bool = _flag("under Slurm, requeue the job after a SIGUSR1/SIGTERM checkpoint",
                                     group="dist", default=True)
 
@@ -206,27 +210,40 @@ def _scalar_type(f: dataclasses.Field) -> type:
     return str
 
 
+def _parse_kwargs(f: dataclasses.Field) -> dict[str, Any]:
+    """How argparse reads the field's value (type, nargs or action, choices)."""
+    meta = f.metadata
+    kind = _scalar_type(f)
+    if meta["item_type"] is not None:
+        return {"nargs": "*", "type": meta["item_type"]}
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": kind, **({"choices": list(meta["choices"])} if meta["choices"] is not None else {})}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per :class:`TrainConfig` field to ``parser``."""
+    """Add one flag per :class:`TrainConfig` field to ``parser`` (plus hidden old spellings).
+
+    The flags have no argparse default: the parsed namespace holds only the options given on
+    the command line, which is how :func:`config_from_namespace` lets them override a
+    ``--config`` file. ``--help`` shows each field's default in its text.
+    """
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_text = meta["help"] + (f" (default: {default})" if default not in (None, []) else "")
-        help_text = help_text.replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
-        kind = _scalar_type(f)
-        if meta["item_type"] is not None:
-            kwargs.update(nargs="*", type=meta["item_type"], metavar=meta["metavar"] or "VALUE")
-        elif kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = kind
-            if meta["choices"] is not None:
-                kwargs["choices"] = list(meta["choices"])
-            if meta["metavar"] is not None:
-                kwargs["metavar"] = meta["metavar"]
-        groups[meta["group"]].add_argument(flag_name(f.name), **kwargs)
+        if meta["old_name"] is not None:
+            help_text = old_spelling(help_text, flag_name(meta["old_name"]))
+        kwargs = _parse_kwargs(f)
+        metavar = meta["metavar"] or ("VALUE" if meta["item_type"] is not None else None)
+        if metavar is not None and "action" not in kwargs:
+            kwargs["metavar"] = metavar
+        group = groups[meta["group"]]
+        group.add_argument(flag_name(f.name), dest=f.name, default=argparse.SUPPRESS,
+                           help=help_text.replace("%", "%%"), **kwargs)
+        if meta["old_name"] is not None:
+            add_hidden_alias(group, flag_name(meta["old_name"]), f.name, **kwargs)
 
 
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
@@ -261,9 +278,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option names to values")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    renamed = {f.metadata["old_name"]: f.name for f in fields.values() if f.metadata["old_name"]}
     values: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        name = renamed.get(name, name)
         name = "class_names" if name == "classes" else name
         if name == "class_names" and isinstance(value, list):
             value = ",".join(parse_class_names(value, f"config file {path}: option {key!r}"))
@@ -304,39 +323,18 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     return converted
 
 
-def config_from_namespace(args: argparse.Namespace, argv: Sequence[str] | None = None) -> TrainConfig:
-    """Build a :class:`TrainConfig` from parsed flags, filling in ``--config`` file values.
+def config_from_namespace(args: argparse.Namespace) -> TrainConfig:
+    """Build a validated :class:`TrainConfig` from flags parsed by a parser of :func:`add_arguments`.
 
-    A value from the file is used unless the same option was given on the command line
-    (``argv``: the raw arguments, needed to tell "given" from "default").
+    Each option takes, in order of precedence, the value given on the command line (present in
+    ``args``), the ``--config`` file's value, the field's default.
     """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {name: getattr(args, name) for name in names}
-    if values.get("config"):
-        from_file = read_config_file(values["config"])
-        given = _given_on_command_line(argv)
-        for name, value in from_file.items():
-            if name not in given:
-                values[name] = value
-    cfg = TrainConfig(**values)
+    given = {name: value for name, value in vars(args).items() if name in names}
+    values = read_config_file(given["config"]) if given.get("config") else {}
+    cfg = TrainConfig(**{**values, **given})
     validate(cfg)
     return cfg
-
-
-def _given_on_command_line(argv: Sequence[str] | None) -> set[str]:
-    """Field names whose flag (or --no- form) appears in ``argv``."""
-    import sys
-
-    tokens = list(sys.argv[1:] if argv is None else argv)
-    given = set()
-    for token in tokens:
-        if not token.startswith("--"):
-            continue
-        name = token[2:].split("=", 1)[0]
-        if name.startswith("no-"):
-            given.add(name[3:].replace("-", "_"))
-        given.add(name.replace("-", "_"))
-    return given
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -344,7 +342,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return config_from_namespace(args, argv)
+        return config_from_namespace(args)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits

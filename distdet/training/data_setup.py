@@ -1,7 +1,7 @@
 """The datasets of a training run: data folder, train/val/test split and its manifest.
 
-The split is made by :func:`distdet.data.make_split` (``--split``), or read from
-``--split-manifest``, or, when a run resumes, from the resumed run's ``split.json``. With
+The split is read from ``--split-manifest``, or, when a run resumes, from the resumed run's
+``split.json``, or made by :func:`distdet.data.splits.choose_split` (``--split-scheme``). With
 ``--val-fraction`` a validation part is carved out of the training images (stratified on each
 image's rarest class, seeded with ``--seed``) unless the manifest already has one.
 
@@ -19,9 +19,12 @@ from typing import Any
 from accelerate import Accelerator
 from torch.utils.data import Dataset
 
-from distdet.data import DetectionDataset, Split, get_transforms, load_manifest, make_split, open_index
-from distdet.data import save_manifest, stratified_split
 from distdet.data.class_list import parse_class_names
+from distdet.data.dataset import DetectionDataset
+from distdet.data.sources import open_index
+from distdet.data.splits import Split, choose_split, load_manifest, save_manifest
+from distdet.data.synthetic import resolve_data_dir
+from distdet.data.transforms import get_transforms
 from distdet.data.records import ImageRecord
 from distdet.io_utils import atomic_write
 from distdet.training.config import TrainConfig
@@ -66,36 +69,12 @@ class TrainingData:
                 "category_ids": None if self.category_ids is None else list(self.category_ids)}
 
 
-def resolve_data_dir(data_dir: str | None, accelerator: Accelerator) -> Path:
-    """``--data-dir``, or the synthetic default dataset (generated once, by the first process)."""
-    if data_dir is not None:
-        path = Path(data_dir)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--data-dir {path} is not a folder")
-        return path.resolve()
-    from distdet.data.synthetic import default_data_dir
-
-    with accelerator.main_process_first():
-        return Path(default_data_dir()).resolve()
-
-
-def choose_split(cfg: TrainConfig, records: list[ImageRecord], resume_split: Path | None) -> Split:
+def training_split(cfg: TrainConfig, records: list[ImageRecord], resume_split: Path | None) -> Split:
     """The split to train with (see the module docstring)."""
-    if cfg.split_manifest:
-        split = load_manifest(cfg.split_manifest)
-    elif resume_split is not None and resume_split.is_file():
+    if not cfg.split_manifest and resume_split is not None and resume_split.is_file():
         return load_manifest(resume_split)  # a resumed run keeps its split exactly
-    elif cfg.split == "stratified":
-        split = make_split(records, "stratified", test_fraction=cfg.test_fraction, seed=cfg.seed)
-    else:
-        split = make_split(records, cfg.split)
-    if cfg.val_fraction > 0 and not split.val:
-        by_stem = {r.stem: r for r in records}
-        carved = stratified_split([by_stem[s] for s in split.train if s in by_stem],
-                                  test_fraction=cfg.val_fraction, seed=cfg.seed)
-        split = replace(split, train=carved.train, val=carved.test,
-                        params={**split.params, "val_fraction": cfg.val_fraction, "val_seed": cfg.seed})
-    return split
+    return choose_split(records, cfg.split_scheme, manifest=cfg.split_manifest or None,
+                        test_fraction=cfg.test_fraction, seed=cfg.seed, val_fraction=cfg.val_fraction)
 
 
 def recorded_class_names(cfg: TrainConfig, resume_split: Path | None) -> tuple[tuple[str, ...] | None, str]:
@@ -115,7 +94,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator,
 
     ``resume_split``: the ``split.json`` of the run being resumed, used when it exists.
     """
-    data_dir = resolve_data_dir(cfg.data_dir, accelerator)
+    data_dir = resolve_data_dir(cfg.data_dir)
     run_class_names, run_what = recorded_class_names(cfg, resume_split)
     index = open_index(data_dir, parse_class_names(cfg.class_names) if cfg.class_names else None, cfg.lenient,
                        annotations=cfg.annotations, run_class_names=run_class_names, run_what=run_what)
@@ -125,7 +104,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator,
         logger.warning("--lenient: %d problem(s); the images concerned are skipped", len(index.problems))
     records = index.records
     manifest_path = Path(run_dir) / SPLIT_NAME
-    split = replace(choose_split(cfg, records, resume_split), class_names=index.class_names)
+    split = replace(training_split(cfg, records, resume_split), class_names=index.class_names)
     parts = split.select(records)
     if not parts["train"]:
         raise ValueError(f"the split of {data_dir} has no training images")

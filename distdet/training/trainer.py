@@ -62,10 +62,10 @@ from distdet.training.checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
-from distdet.training.config import TrainConfig, parse_config
+from distdet.training.config import TrainConfig
 from distdet.training.data_setup import SPLIT_NAME, TrainingData, prepare_data
 from distdet.training.debug_hooks import DebugHooks
-from distdet.runtime.accelerator import LaunchError, agree_any, build_accelerator, leave_process_group
+from distdet.runtime.accelerator import LaunchError, agree_any, build_accelerator
 from distdet.training.optim import build_optimizer, build_scheduler, effective_lr, resolve_warmup_steps
 from distdet.training.run_logging import Progress, RunLog, configure_logging
 from distdet.training.sampling import EpochBatchSampler, SeededSampleDataset, aspect_ratio_groups
@@ -88,15 +88,8 @@ class TrainingError(RuntimeError):
     """Training cannot go on (too many non-finite losses, incompatible resume, ...)."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``train.py`` / ``distdet train``: parse flags (and ``--config``), train, return the exit status."""
-    status = run_training(parse_config(argv))
-    if status in (EXIT_OK, EXIT_INTERRUPTED):  # every rank got here through a final barrier
-        leave_process_group()
-    return status
-
-
 def run_training(cfg: TrainConfig) -> int:
+    """Train with ``cfg``; return the exit status. Entry points: :mod:`distdet.commands.train`."""
     # -- 1. accelerator -------------------------------------------------------------------------
     try:
         accelerator = build_accelerator(
