@@ -1,7 +1,8 @@
 """End to end on a real one-node Slurm: the single-node sbatch script trains with 2 CPU
 processes on synthetic data; a job warned with SIGUSR1 mid-training checkpoints, requeues,
-resumes and ends with the same weights as an uninterrupted run; a rank killed mid-training
-fails the job quickly, naming the rank."""
+resumes and ends with the same weights as an uninterrupted run; a job requeued with another
+process count resumes mid-epoch on it; a rank killed mid-training fails the job quickly, naming
+the rank."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,8 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+from collections import Counter
 
 import pytest
 import torch
@@ -43,7 +46,8 @@ def synthetic_dir(tmp_path_factory) -> Path:
                                   image_size=(128, 96), face_size=(20, 60))
 
 
-def _submit(cluster: SlurmCluster, run_dir: Path, *train_args: str) -> str:
+def _submit(cluster: SlurmCluster, run_dir: Path, *train_args: str, script: Path = SINGLE_NODE,
+            sbatch_options: tuple[str, ...] = ()) -> str:
     env = {
         "DISTDET_PYTHON": sys.executable,
         "DISTDET_CPU_PROCS": "2",
@@ -51,8 +55,8 @@ def _submit(cluster: SlurmCluster, run_dir: Path, *train_args: str) -> str:
         "PYTHONPATH": str(REPO),
     }
     result = cluster.run(
-        ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", "--time=15",
-         "-o", str(run_dir.parent / f"{run_dir.name}.slurm.out"), str(SINGLE_NODE), *train_args],
+        ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", "--time=15", *sbatch_options,
+         "-o", str(run_dir.parent / f"{run_dir.name}.slurm.out"), str(script), *train_args],
         env=env, cwd=REPO,
     )
     return result.stdout.strip().split(";")[0]
@@ -127,6 +131,39 @@ def test_usr1_mid_training_requeues_resumes_and_matches_an_uninterrupted_run(slu
     assert reference.keys() == resumed.keys()
     different = [k for k in reference if not torch.equal(reference[k], resumed[k])]
     assert not different, f"{len(different)} tensors differ after the requeue, e.g. {different[:3]}"
+
+
+def test_requeue_with_another_process_count_resumes_mid_epoch(slurm_cluster: SlurmCluster, synthetic_dir, tmp_path):
+    """The requeued job comes back with 3 CPU processes instead of 2. The job script here reads
+    DISTDET_CPU_PROCS from a file at each start, as a site's script deriving it from the
+    allocation would; the test changes the file between the warning and the restart."""
+    run_dir, procs = tmp_path / "run", tmp_path / "procs"
+    procs.write_text("2")
+    script = tmp_path / "changing_procs.sbatch"
+    script.write_text(f'#!/bin/bash\nexport DISTDET_CPU_PROCS="$(cat {procs})"\nexec bash {SINGLE_NODE} "$@"\n')
+    job = _submit(slurm_cluster, run_dir, "--data-dir", str(synthetic_dir), "--epochs", "2", *TRAIN_ARGS,
+                  "--debug-record-samples", script=script, sbatch_options=("--requeue", "--open-mode=append"))
+    _wait_for_step(slurm_cluster, job, run_dir, step=2)  # 16 images, 2 x 2 per step: 4 steps per epoch
+    procs.write_text("3")
+    slurm_cluster.run(["scancel", "--signal=USR1", job])
+    assert slurm_cluster.wait_for_job(job, timeout=600) == ("COMPLETED", "0:0"), _node_log(run_dir)
+    assert slurm_cluster.job_field(job, "Restarts") == "1"
+
+    events = _jsonl(run_dir / "events.jsonl")
+    interrupted = next(e for e in events if e["event"] == "interrupted")
+    assert interrupted["requeued"] is True
+    epoch, steps = interrupted["epoch"], interrupted["step_in_epoch"]
+    resumed = next(e for e in events if e["event"] == "resumed")
+    assert resumed["world_size"] == 3 and resumed["global_step"] == interrupted["global_step"]
+    assert next(e for e in events if e["event"] == "layout_changed")["old_layout"]["world_size"] == 2
+    node_log = (run_dir / "logs" / "node0.log").read_text()
+    assert (f"resuming 3 processes from a 2-process checkpoint at epoch {epoch}, step {steps}: "
+            f"{16 - 4 * steps} samples left in this epoch") in node_log
+    records = [r for path in (run_dir / "debug").glob("samples_rank*.jsonl") for r in _jsonl(path)]
+    assert {int(p.stem[-1]) for p in (run_dir / "debug").glob("samples_rank*.jsonl")} == {0, 1, 2}
+    counts = Counter(i for r in records if r["epoch"] == epoch for i in r["image_ids"])
+    assert set(counts) == set(range(16))
+    assert sum(counts.values()) - 16 <= 2  # only the 3-process split's padding repeats a sample
 
 
 def _rank_pids(run_dir: Path) -> dict[int, int]:

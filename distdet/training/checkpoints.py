@@ -14,7 +14,7 @@ import logging
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
 COMPLETE_MARKER = "COMPLETE"
 _NAME = re.compile(r"^step_(\d+)$")
+#: trainer-state fields that older checkpoints do not have
+_ADDED_LATER = frozenset({"seed", "aspect_ratio_group_factor", "earlier_segments", "schedule"})
 
 
 @dataclass
@@ -35,8 +37,15 @@ class TrainerState:
     """Where training stands; saved with every checkpoint.
 
     ``epoch`` is the epoch to continue with and ``step_in_epoch`` the optimizer steps already
-    taken in it (0 at an epoch boundary); ``global_step`` counts optimizer steps (skipped
-    non-finite steps included) since the start of training.
+    taken in it with the current layout (0 at an epoch boundary); ``global_step`` counts
+    optimizer steps (skipped non-finite steps included) since the start of training.
+
+    The layout (``seed``, ``world_size``, ``batch_size``, ``grad_accum_steps``,
+    ``aspect_ratio_group_factor``) fixes which samples those steps took. ``earlier_segments``
+    lists the stretches of an epoch trained before a resume on another layout (each: ``epoch``,
+    ``steps`` and that layout); ``schedule`` is the learning-rate clock
+    (:class:`~distdet.training.optim.ScheduleClock`). See :mod:`distdet.training.elastic`.
+    Checkpoints written before these existed lack them; the defaults stand in.
     """
 
     epoch: int = 0
@@ -48,6 +57,10 @@ class TrainerState:
     world_size: int = 1
     batch_size: int = 1
     grad_accum_steps: int = 1
+    seed: int | None = None
+    aspect_ratio_group_factor: int | None = None
+    earlier_segments: list[dict[str, int]] = field(default_factory=list)
+    schedule: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,10 +69,10 @@ class TrainerState:
     def from_file(cls, path: Path) -> "TrainerState":
         data = read_json(path, "trainer state")
         known = {f.name for f in fields(cls)}
-        missing = known - set(data)
+        missing = known - set(data) - _ADDED_LATER
         if missing:
             raise ValueError(f"trainer state {path} lacks {', '.join(sorted(missing))}")
-        return cls(**{k: data[k] for k in known})
+        return cls(**{k: data[k] for k in known if k in data})
 
 
 def checkpoint_name(global_step: int) -> str:

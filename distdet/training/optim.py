@@ -8,11 +8,19 @@ scaled linearly: ``lr * global_batch / REF``.
 The schedule is one :class:`torch.optim.lr_scheduler.LambdaLR` stepped once per optimizer
 step: a linear warmup from ``lr * warmup_factor`` to ``lr``, multiplied by a multistep decay
 (milestones in epochs) or followed by a cosine decay to zero at the end of training.
+
+Its shape is a function of training progress in epochs, which a :class:`ScheduleClock` reads
+off the scheduler's step count. A resume on a layout with another number of optimizer steps per
+epoch (other process count, batch size or accumulation) re-anchors the clock at the resumed step
+(:func:`rebase_scheduler`), so the factor continues where it was instead of jumping; the warmup
+keeps the length in epochs that ``--warmup-steps`` gave it in the layout the run started with.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,21 +67,88 @@ def resolve_warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return max(0, min(1000, steps_per_epoch - 1))
 
 
+@dataclass(frozen=True)
+class ScheduleClock:
+    """Turns the scheduler's step count into training progress in epochs, and into a position
+    in optimizer steps of the current layout.
+
+    ``steps_per_epoch`` is the current layout's; ``warmup_steps_per_epoch`` that of the layout
+    the run started with (``--warmup-steps`` counts its steps). After a resume on another layout
+    at scheduler step ``anchor_step`` with ``anchor_epochs`` done, the rest of that epoch takes
+    the steps up to ``boundary_step``, where epoch ``boundary_epoch`` begins: progress is
+    interpolated linearly in between (the stretch's last step may be a short one), then counts
+    ``1 / steps_per_epoch`` per step, so epoch boundaries stay whole numbers. Without a layout
+    change (all anchors 0) the position is the step count itself: exactly the factors of a run
+    that never changed layout.
+    """
+
+    steps_per_epoch: int
+    warmup_steps_per_epoch: int
+    anchor_step: int = 0
+    anchor_epochs: float = 0.0
+    boundary_step: int = 0
+    boundary_epoch: int = 0
+
+    @classmethod
+    def fresh(cls, steps_per_epoch: int) -> "ScheduleClock":
+        return cls(steps_per_epoch, steps_per_epoch)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ScheduleClock":
+        return cls(int(data["steps_per_epoch"]), int(data["warmup_steps_per_epoch"]), int(data["anchor_step"]),
+                   float(data["anchor_epochs"]), int(data["boundary_step"]), int(data["boundary_epoch"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def epochs(self, step: int) -> float:
+        """Training progress in epochs at scheduler step ``step``."""
+        if step < self.boundary_step:
+            done = (step - self.anchor_step) / (self.boundary_step - self.anchor_step)
+            return self.anchor_epochs + done * (self.boundary_epoch - self.anchor_epochs)
+        return self.boundary_epoch + (step - self.boundary_step) / self.steps_per_epoch
+
+    def position(self, step: int) -> float:
+        """Optimizer steps of the current layout that correspond to the progress at ``step``."""
+        if self == ScheduleClock.fresh(self.steps_per_epoch):
+            return step
+        return self.epochs(step) * self.steps_per_epoch
+
+    def warmup(self, cfg: TrainConfig) -> float:
+        """The warmup length in optimizer steps of the current layout."""
+        steps = resolve_warmup_steps(cfg, self.warmup_steps_per_epoch)
+        if self.steps_per_epoch == self.warmup_steps_per_epoch:
+            return steps
+        return steps * self.steps_per_epoch / self.warmup_steps_per_epoch
+
+    def rebased(self, step: int, epoch: int, steps_left: int, steps_per_epoch: int) -> "ScheduleClock":
+        """The clock of a layout with ``steps_per_epoch`` steps per epoch, taking over at ``step``
+        in epoch ``epoch``, of which it has ``steps_left`` steps to train."""
+        return ScheduleClock(steps_per_epoch, self.warmup_steps_per_epoch, step, self.epochs(step),
+                             step + steps_left, epoch + 1)
+
+
 def lr_factor_fn(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """The multiplier of the base rate after ``step`` optimizer steps."""
-    warmup = resolve_warmup_steps(cfg, steps_per_epoch)
-    total = cfg.epochs * steps_per_epoch
-    milestones = [m * steps_per_epoch for m in cfg.lr_milestones]
+    """The multiplier of the base rate after ``step`` optimizer steps of a run on one layout."""
+    return schedule_factor_fn(cfg, ScheduleClock.fresh(steps_per_epoch))
+
+
+def schedule_factor_fn(cfg: TrainConfig, clock: ScheduleClock) -> Callable[[int], float]:
+    """The multiplier of the base rate at scheduler step ``step``, read through ``clock``."""
+    warmup = clock.warmup(cfg)
+    total = cfg.epochs * clock.steps_per_epoch
+    milestones = [m * clock.steps_per_epoch for m in cfg.lr_milestones]
 
     def factor(step: int) -> float:
+        position = clock.position(step)
         value = 1.0
-        if step < warmup:
-            alpha = step / warmup
+        if position < warmup:
+            alpha = position / warmup
             value = cfg.warmup_factor * (1.0 - alpha) + alpha
         if cfg.lr_schedule == "multistep":
-            value *= cfg.lr_gamma ** sum(step >= m for m in milestones)
-        elif step >= warmup:  # cosine after warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            value *= cfg.lr_gamma ** sum(position >= m for m in milestones)
+        elif position >= warmup:  # cosine after warmup
+            progress = min(1.0, (position - warmup) / max(1, total - warmup))
             value *= 0.5 * (1.0 + math.cos(math.pi * progress))
         return value
 
@@ -87,3 +162,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     changed schedule flags applies the new schedule from the saved step.
     """
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(cfg, steps_per_epoch))
+
+
+def rebase_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig, clock: ScheduleClock,
+                     base_lr: float) -> None:
+    """After loading a checkpoint of another layout: read the schedule through ``clock`` from the
+    loaded step on, with ``base_lr`` (the global-batch rule's rate for the new layout) as the base.
+
+    ``load_state`` restored the old base rate and step count; this replaces the factor function
+    and base rates and sets each group's current rate, as the scheduler's next step would.
+    """
+    factor = schedule_factor_fn(cfg, clock)
+    scheduler.lr_lambdas = [factor] * len(scheduler.optimizer.param_groups)
+    scheduler.base_lrs = [base_lr] * len(scheduler.optimizer.param_groups)
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -1,28 +1,44 @@
 """Which images each process trains on, in which order, and how to continue mid-epoch.
 
-Sharding is :class:`torch.utils.data.DistributedSampler` with the Accelerator's process count
-and index: each epoch it shuffles all indices with ``seed + epoch`` and gives every rank a
-disjoint slice (padded by repeating a few indices so all ranks get the same count). The
-DataLoader built on it must NOT also go through ``accelerator.prepare``, which would shard
-the already-sharded indices a second time.
+Every epoch's batches come from four pure steps, so that what any layout trained is a function
+of numbers saved in a checkpoint:
 
-:class:`EpochBatchSampler` turns a rank's indices into batches (optionally grouped by aspect
-ratio) and yields ``(epoch, index)`` keys; the batch list is a pure function of
-``(seed, epoch, rank, world size)``, so resuming after ``k`` batches just starts at batch ``k``
-and the remaining order is identical. :class:`SeededSampleDataset` seeds the random number
-generators from ``(seed, epoch, index)`` before loading each sample, so augmentation does not
-depend on which worker process loads it, or on whether the epoch was resumed.
+1. **epoch list** (:func:`epoch_order`): every dataset index once, shuffled with ``seed + epoch``
+   (the permutation ``DistributedSampler`` draws). A sampler that expands the list (repeat
+   factors) changes only this step.
+2. **already trained** (:func:`trained_samples`): the samples the first ``steps`` optimizer steps
+   of a :class:`BatchLayout` took from a list, on all ranks together.
+3. **remaining** (:func:`remaining_samples`): the list with those removed, as a multiset, in the
+   list's order; repeated for each stretch of the epoch trained with another layout.
+4. **shards** (:func:`shard`, :func:`rank_batches`): the list split over the processes as
+   ``DistributedSampler(drop_last=False)`` does (padded by repeating its first entries so every
+   rank gets the same count), then cut into batches, optionally grouped by aspect ratio, with
+   ranks that have fewer batches repeating their first ones.
+
+Padding is the only way a sample is trained twice in an epoch: at most ``world_size - 1``
+repeated samples per stretch from step 4's even split, plus the repeated batches of aspect-ratio
+grouping. A padded repeat that was trained counts as the sample's one time, so the sample is
+not trained again after a resume; samples are never skipped.
+
+The DataLoader built on :class:`EpochBatchSampler` must NOT also go through
+``accelerator.prepare``, which would shard the already-sharded indices a second time.
+:class:`SeededSampleDataset` seeds the random number generators from ``(seed, epoch, index)``
+before loading each sample, so augmentation does not depend on which rank or worker process
+loads it, or on whether or how the epoch was resumed.
 """
 from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, Sampler
 
 
 def aspect_ratio_groups(aspect_ratios: Sequence[float], group_factor: int) -> list[int]:
@@ -33,40 +49,144 @@ def aspect_ratio_groups(aspect_ratios: Sequence[float], group_factor: int) -> li
     return [bisect.bisect_right(edges, float(ratio)) for ratio in aspect_ratios]
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a list of samples is cut into optimizer steps: processes, batch size, accumulation.
+
+    ``group_ids`` (one per dataset index) batches images of one aspect-ratio group together.
+    """
+
+    world_size: int
+    batch_size: int
+    grad_accum_steps: int = 1
+    group_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "batch_size", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class TrainedStretch:
+    """The first ``steps`` optimizer steps over an epoch's remaining list, taken with ``layout``."""
+
+    layout: BatchLayout
+    steps: int
+
+
+def epoch_order(dataset_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """The epoch list: ``range(dataset_size)`` shuffled with ``seed + epoch`` (``DistributedSampler``'s draw)."""
+    if not shuffle:
+        return list(range(dataset_size))
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    return torch.randperm(dataset_size, generator=generator).tolist()
+
+
+def shard(order: Sequence[int], num_replicas: int, rank: int) -> list[int]:
+    """Rank ``rank``'s share of ``order``, exactly as ``DistributedSampler(drop_last=False)`` cuts it.
+
+    The list is padded to a multiple of ``num_replicas`` by repeating its first entries (cyclically
+    when it is shorter than the padding), then rank ``r`` takes entries ``r, r + num_replicas, ...``.
+    An empty list gives every rank an empty share.
+    """
+    if not order:
+        return []
+    missing = math.ceil(len(order) / num_replicas) * num_replicas - len(order)
+    padded = list(order) + (list(order) * math.ceil(missing / len(order)))[:missing]
+    return padded[rank::num_replicas]
+
+
+def batches_of(indices: Sequence[int], batch_size: int, group_ids: Sequence[int] | None = None) -> list[list[int]]:
+    """Consecutive batches; with ``group_ids``, full batches of one group first, then the leftovers in order."""
+    if group_ids is None:
+        return [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+    buffers: dict[int, list[int]] = {}  # group id -> positions in ``indices``
+    batches: list[list[int]] = []
+    for position, index in enumerate(indices):
+        buffer = buffers.setdefault(group_ids[index], [])
+        buffer.append(position)
+        if len(buffer) == batch_size:
+            batches.append([indices[p] for p in buffer])
+            buffer.clear()
+    leftovers = [indices[p] for p in sorted(p for buffer in buffers.values() for p in buffer)]
+    batches.extend(leftovers[i:i + batch_size] for i in range(0, len(leftovers), batch_size))
+    return batches
+
+
+def rank_batches(order: Sequence[int], layout: BatchLayout, rank: int) -> list[list[int]]:
+    """Rank ``rank``'s batches over ``order``; with grouping, padded to the most any rank has."""
+    own = batches_of(shard(order, layout.world_size, rank), layout.batch_size, layout.group_ids)
+    if layout.group_ids is not None and own:
+        most = max(len(batches_of(shard(order, layout.world_size, r), layout.batch_size, layout.group_ids))
+                   for r in range(layout.world_size))
+        own = own + [own[i % len(own)] for i in range(most - len(own))]
+    return own
+
+
+def trained_samples(order: Sequence[int], layout: BatchLayout, steps: int) -> list[int]:
+    """The samples (with padding repeats) all ranks trained in the first ``steps`` optimizer steps over ``order``."""
+    first_batches = steps * layout.grad_accum_steps
+    return [index for rank in range(layout.world_size)
+            for batch in rank_batches(order, layout, rank)[:first_batches] for index in batch]
+
+
+def remaining_samples(order: Sequence[int], trained: Sequence[int]) -> list[int]:
+    """``order`` without ``trained``, as multisets, keeping the order; extra (padding) repeats are ignored."""
+    left = Counter(trained)
+    remaining = []
+    for index in order:
+        if left[index] > 0:
+            left[index] -= 1
+        else:
+            remaining.append(index)
+    return remaining
+
+
+def remaining_after(order: Sequence[int], stretches: Sequence[TrainedStretch]) -> list[int]:
+    """What is left of an epoch list after each stretch, in turn, trained on what the previous ones left."""
+    remaining = list(order)
+    for stretch in stretches:
+        remaining = remaining_samples(remaining, trained_samples(remaining, stretch.layout, stretch.steps))
+    return remaining
+
+
+def steps_per_epoch(dataset_size: int, layout: BatchLayout, seed: int, epoch: int = 0) -> int:
+    """Optimizer steps in a whole epoch with ``layout`` (grouping can make it vary a little by epoch)."""
+    return math.ceil(len(rank_batches(epoch_order(dataset_size, seed, epoch), layout, 0)) / layout.grad_accum_steps)
+
+
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """One rank's batches of ``(epoch, dataset index)`` keys for the current epoch.
 
-    Call :meth:`set_epoch` before each epoch (it also calls ``DistributedSampler.set_epoch``),
-    and :meth:`set_start` to skip the batches a resumed run already trained on. With
-    ``group_ids``, images of one aspect-ratio group are batched together; the leftovers of all
-    groups form the last batches. Every rank then gets as many batches as the rank with the
-    most (a rank with fewer repeats its first batches), so no rank waits for the others.
+    Call :meth:`set_epoch` before each epoch and :meth:`set_start` to skip the batches a resumed
+    run already trained on with this layout. :meth:`set_trained` tells it that an earlier part of
+    one epoch was trained with other layouts (a resume on another number of processes, batch size
+    or accumulation): that epoch then shards only what those stretches left. Every rank gets the
+    same number of batches, so no rank waits for the others.
     """
 
     def __init__(self, dataset_size: int, batch_size: int, num_replicas: int, rank: int, seed: int,
                  shuffle: bool = True, group_ids: Sequence[int] | None = None) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
         if group_ids is not None and len(group_ids) != dataset_size:
             raise ValueError(f"{len(group_ids)} group ids for {dataset_size} samples")
         if dataset_size < num_replicas:
             raise ValueError(f"{dataset_size} training images cannot be shared among {num_replicas} processes")
-        indices = range(dataset_size)
-        self.samplers = [
-            DistributedSampler(indices, num_replicas=num_replicas, rank=r, shuffle=shuffle, seed=seed, drop_last=False)
-            for r in range(num_replicas)
-        ]
-        self.batch_size = batch_size
+        # how batches are cut; accumulation does not change them (it only groups them into steps)
+        groups = tuple(group_ids) if group_ids is not None else None
+        self.layout = BatchLayout(num_replicas, batch_size, group_ids=groups)
+        self.dataset_size = dataset_size
         self.rank = rank
-        self.group_ids = list(group_ids) if group_ids is not None else None
+        self.seed = seed
+        self.shuffle = shuffle
         self.epoch = 0
         self.start = 0
+        self._trained: tuple[int, int, list[TrainedStretch]] | None = None  # (epoch, seed of its list, stretches)
         self._cache: tuple[int, list[list[int]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        for sampler in self.samplers:
-            sampler.set_epoch(epoch)
 
     def set_start(self, start_batch: int) -> None:
         """Skip the first ``start_batch`` batches of the current epoch (for a resumed run)."""
@@ -74,35 +194,23 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self.start = start_batch
 
-    def rank_indices(self, rank: int) -> list[int]:
-        return list(iter(self.samplers[rank]))
+    def set_trained(self, epoch: int, list_seed: int, stretches: Sequence[TrainedStretch]) -> None:
+        """Epoch ``epoch`` (whose list was shuffled with ``list_seed``) already went through ``stretches``."""
+        self._trained = (epoch, list_seed, list(stretches))
+        self._cache = None
 
-    def _batches_from(self, indices: list[int]) -> list[list[int]]:
-        size = self.batch_size
-        if self.group_ids is None:
-            return [indices[i:i + size] for i in range(0, len(indices), size)]
-        buffers: dict[int, list[int]] = {}  # group id -> positions in ``indices``
-        batches: list[list[int]] = []
-        for position, index in enumerate(indices):
-            buffer = buffers.setdefault(self.group_ids[index], [])
-            buffer.append(position)
-            if len(buffer) == size:
-                batches.append([indices[p] for p in buffer])
-                buffer.clear()
-        leftovers = [indices[p] for p in sorted(p for buffer in buffers.values() for p in buffer)]
-        batches.extend(leftovers[i:i + size] for i in range(0, len(leftovers), size))
-        return batches
+    def epoch_list(self) -> list[int]:
+        """What the current epoch still has to train, before sharding (all of it unless :meth:`set_trained`)."""
+        trained = self._trained if self._trained is not None and self._trained[0] == self.epoch else None
+        # step 1, the epoch list (an expanded one, e.g. by repeat factors, would be built here)
+        full = epoch_order(self.dataset_size, trained[1] if trained else self.seed, self.epoch, self.shuffle)
+        return remaining_after(full, trained[2]) if trained else full
 
     def epoch_batches(self) -> list[list[int]]:
         """All of this rank's batches for the current epoch (ignoring the start offset)."""
-        if self._cache is not None and self._cache[0] == self.epoch:
-            return self._cache[1]
-        own = self._batches_from(self.rank_indices(self.rank))
-        if self.group_ids is not None:
-            most = max(len(self._batches_from(self.rank_indices(r))) for r in range(len(self.samplers)))
-            own = own + [own[i % len(own)] for i in range(most - len(own))]
-        self._cache = (self.epoch, own)
-        return own
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, rank_batches(self.epoch_list(), self.layout, self.rank))
+        return self._cache[1]
 
     def __len__(self) -> int:
         """Batches left in the current epoch after the start offset."""

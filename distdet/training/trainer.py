@@ -15,7 +15,8 @@ changes, in :class:`LoopState`. In order:
    when there are several processes); the scheduler is registered for checkpointing only, so it
    steps exactly once per optimizer step.
 4. **Resume** - ``accelerator.load_state`` plus the trainer state; a mid-epoch resume skips
-   the batches already trained on, keeping the remaining order.
+   the batches already trained on, keeping the remaining order; on another layout (process
+   count, batch size, ...) it trains what the epoch has left (``training/elastic.py``).
 5. **Epochs** - per batch: forward, a one-all-reduce agreement on "non-finite loss anywhere?" and
    "stop signal anywhere?", backward under ``accelerator.accumulate``; per optimizer step: clip,
    step, schedule, logging, periodic checkpoint, stop handling. Per epoch: checkpoint,
@@ -65,8 +66,9 @@ from distdet.training.checkpoints import (
 from distdet.training.config import TrainConfig
 from distdet.training.data_setup import SPLIT_NAME, TrainingData, prepare_data
 from distdet.training.debug_hooks import DebugHooks
+from distdet.training.elastic import LayoutChange, ResumeContext, continue_on_layout, layout_fields
 from distdet.runtime.accelerator import LaunchError, agree_any, build_accelerator
-from distdet.training.optim import build_optimizer, build_scheduler, effective_lr, resolve_warmup_steps
+from distdet.training.optim import ScheduleClock, build_optimizer, build_scheduler, effective_lr, resolve_warmup_steps
 from distdet.training.run_logging import Progress, RunLog, configure_logging
 from distdet.training.sampling import EpochBatchSampler, SeededSampleDataset, aspect_ratio_groups
 from distdet.runtime.signals import (
@@ -178,9 +180,11 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
     global_batch = cfg.batch_size * world * cfg.grad_accum_steps
     lr = effective_lr(cfg, global_batch)
     model, optimizer, scheduler = _model_and_optimizer(cfg, accelerator, lr, steps_per_epoch, len(data.class_names))
-    state = TrainerState(world_size=world, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps)
+    state = TrainerState(**layout_fields(cfg, world), schedule=ScheduleClock.fresh(steps_per_epoch).to_json())
+    layout_change = None
     if resume_from is not None:
-        state = _resume(accelerator, resume_from, state)
+        state, layout_change = _resume(accelerator, resume_from, state,
+                                       ResumeContext(cfg, sampler, scheduler, lr, _aspect_ratios(data)))
 
     resolved = {"effective_lr": lr, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
                 "warmup_steps": resolve_warmup_steps(cfg, steps_per_epoch), "world_size": world,
@@ -188,11 +192,15 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
                 "mixed_precision": accelerator.mixed_precision, "data_dir": str(data.data_dir),
                 "train_images": len(data.train), "val_images": len(data.val or []), "test_images": len(data.test),
                 "class_names": list(data.class_names), **data.card_info()}
+    if layout_change is not None:
+        resolved["layout_change"] = layout_change.to_json()
     if accelerator.is_main_process:
         _write_config(run_dir, cfg, resolved, data)
     log = RunLog(accelerator, run_dir, cfg.tensorboard, {**cfg.to_dict(), **resolved})
     log.event("resumed" if resume_from else "started", checkpoint=str(resume_from) if resume_from else None,
               global_step=state.global_step, epoch=state.epoch, world_size=world, slurm_job_id=slurm_job_id())
+    if layout_change is not None:
+        log.event("layout_changed", **layout_change.to_json())
     logger.info("run folder %s; %d processes on %s; %d train images, %d steps/epoch, global batch %d, lr %.5g",
                 run_dir, world, accelerator.device, len(data.train), steps_per_epoch, global_batch, lr)
     progress = Progress(cfg.progress and accelerator.is_main_process, cfg.epochs * steps_per_epoch, state.global_step)
@@ -209,7 +217,7 @@ def _train_loader(cfg: TrainConfig, accelerator: Accelerator,
     train_set = SeededSampleDataset(data.train, cfg.seed)
     group_ids = None
     if cfg.aspect_ratio_group_factor >= 0:
-        group_ids = aspect_ratio_groups([r.width / r.height for r in data.train_records], cfg.aspect_ratio_group_factor)
+        group_ids = aspect_ratio_groups(_aspect_ratios(data), cfg.aspect_ratio_group_factor)
     sampler = EpochBatchSampler(len(train_set), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
                                 cfg.seed, group_ids=group_ids)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_detection,
@@ -219,6 +227,10 @@ def _train_loader(cfg: TrainConfig, accelerator: Accelerator,
                         # RNG, or a resumed run's random stream would shift (samples are seeded anyway)
                         generator=torch.Generator().manual_seed(cfg.seed))
     return sampler, loader
+
+
+def _aspect_ratios(data: TrainingData) -> list[float]:
+    return [r.width / r.height for r in data.train_records]
 
 
 def _model_and_optimizer(cfg: TrainConfig, accelerator: Accelerator, lr: float, steps_per_epoch: int,
@@ -572,22 +584,14 @@ def _run_dir_and_resume(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Pat
     return Path(run_dir), Path(checkpoint) if checkpoint else None
 
 
-def _resume(accelerator: Accelerator, checkpoint: Path, current: TrainerState) -> TrainerState:
+def _resume(accelerator: Accelerator, checkpoint: Path, current: TrainerState,
+            context: ResumeContext) -> tuple[TrainerState, LayoutChange | None]:
+    """Load ``checkpoint`` and continue under ``current``'s layout (the same or another one)."""
     saved = load_checkpoint(accelerator, checkpoint)
-    layout = ("world_size", "batch_size", "grad_accum_steps")
-    changed = {k: (getattr(saved, k), getattr(current, k)) for k in layout if getattr(saved, k) != getattr(current, k)}
-    if changed and saved.step_in_epoch:
-        raise TrainingError(
-            f"cannot resume mid-epoch from {checkpoint}: "
-            + ", ".join(f"{k} was {old}, now {new}" for k, (old, new) in changed.items())
-            + " (the remaining batches of the epoch would differ); resume with the same layout")
-    if changed:
-        logger.warning("resuming at an epoch boundary with a changed layout: %s", changed)
-    for key in layout:
-        setattr(saved, key, getattr(current, key))
+    resumed, change = continue_on_layout(saved, current, str(checkpoint), context)
     logger.info("resumed from %s: epoch %d, step %d in epoch, global step %d", checkpoint, saved.epoch,
                 saved.step_in_epoch, saved.global_step)
-    return saved
+    return resumed, change
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, resolved: dict[str, Any], data: TrainingData) -> None:

@@ -61,10 +61,10 @@ def train_command(args: list[str]) -> list[str]:
     return [sys.executable, str(TRAIN_PY), *args]
 
 
-def launch_command(args: list[str], port: int | None = None) -> list[str]:
-    """Two CPU processes over gloo with the documented launch config."""
+def launch_command(args: list[str], port: int | None = None, processes: int = 2) -> list[str]:
+    """``processes`` (>= 2) CPU processes over gloo with the documented launch config."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
-            "--main_process_port", str(port or free_port()), str(TRAIN_PY), *args]
+            "--num_processes", str(processes), "--main_process_port", str(port or free_port()), str(TRAIN_PY), *args]
 
 
 def run(command: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
