@@ -46,7 +46,8 @@ def test_output_files_are_complete_and_reload_in_pycocotools(dataset, tmp_path):
     preds = random_detections(records, seed=5)
     metrics = compute_metrics(records, preds, CLASS_NAMES, voc07=True)
     paths = write_evaluation_outputs(tmp_path, records, preds, metrics, num_rendered=4)
-    assert set(paths) == {"metrics", "table", "predictions", "ground_truth", "pr_curves", "renders"}
+    assert set(paths) == {"metrics", "table", "predictions", "ground_truth", "pr_curves", "confusion_matrix",
+                          "renders"}
 
     assert json.loads(paths["metrics"].read_text()) == json.loads(json.dumps(metrics))
     assert "COCO AP" in paths["table"].read_text()
@@ -66,6 +67,9 @@ def test_output_files_are_complete_and_reload_in_pycocotools(dataset, tmp_path):
 
     with Image.open(paths["pr_curves"]) as png:
         assert png.format == "PNG" and png.size == (600, 500)
+    with Image.open(paths["confusion_matrix"]) as png:  # counts and row-normalised panels
+        assert png.format == "PNG" and png.size == (1040, 440)
+        assert np.asarray(png.convert("L"), dtype=np.float64).std() > 10  # not blank
     renders = sorted(paths["renders"].glob("*.png"))
     assert [p.stem for p in renders] == [records[i].stem for i in (0, 3, 5, 8)]
     with Image.open(renders[0]) as png:

@@ -5,8 +5,10 @@ import argparse
 import json
 from pathlib import Path
 
+from distdet.classes import class_colours
 from distdet.data.check import check_data, format_report
 from distdet.data.class_list import ClassListError, parse_class_names
+from distdet.data.plots import write_label_plots
 
 
 def class_list_arg(text: str) -> tuple[str, ...]:
@@ -52,6 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "(faster, but truncated or corrupt image data goes unnoticed)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
+    parser.add_argument(
+        "--plots", type=Path, metavar="DIR",
+        help="also draw the usable images' label statistics into DIR/labels.png (objects per class, "
+             "boxes per image, box sizes in pixels and relative to the image, image sizes)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -64,4 +71,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
+    if args.plots is not None and report.records:
+        print(f"Plots: {write_label_plots(args.plots, report.records, report.class_names, class_colours(report.class_names))}")
     return 0 if report.ok else 1

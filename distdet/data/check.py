@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distdet.data.index import DataIndex
 from distdet.data.class_list import ClassListError
+from distdet.data.index import DataIndex
 from distdet.data.problems import DataError, Problem, ProblemKind
+from distdet.data.records import ImageRecord
 from distdet.data.sources import dataset_format, open_index
 
 
@@ -29,6 +30,8 @@ class DataReport:
     annotation_file: Path | None = None
     class_source: str = ""
     unlisted: list[Path] = field(default_factory=list)
+    #: The usable images (for ``--plots``); not part of :meth:`to_dict`.
+    records: list[ImageRecord] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -98,6 +101,7 @@ def check_data(
     report.image_sizes = Counter((r.width, r.height) for r in index.records)
     report.clamped = dict(index.clamped)
     report.problems = index.problems
+    report.records = index.records
     return report
 
 

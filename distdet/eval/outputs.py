@@ -10,6 +10,8 @@
   its ORIGINAL image and category ids instead, so the predictions also score against the
   user's own annotation file;
 - ``pr_curves.png``: precision-recall curve per class (VOC matching at IoU 0.5);
+- ``confusion_matrix.png``: the table's confusion matrix as counts and row-normalised
+  (:mod:`distdet.eval.confusion_plot`);
 - ``renders/<stem>.png``: a few images, ground truth left and predictions at or above the
   score threshold right, boxes in class colours with label and score.
 """
@@ -26,6 +28,7 @@ from distdet.classes import class_colours
 from distdet.data.images import load_rgb
 from distdet.data.records import ImageRecord
 from distdet.eval.coco import CocoIds, predictions_to_coco_results, records_to_coco
+from distdet.eval.confusion_plot import CONFUSION_NAME, write_confusion_matrix
 from distdet.eval.inputs import Prediction, normalize_predictions
 from distdet.eval.metrics import format_metrics_table
 from distdet.eval.voc import VOC_IOU_THRESHOLD, class_ap, voc_curves
@@ -55,6 +58,7 @@ def write_evaluation_outputs(out_dir: str | Path, records: Sequence[ImageRecord]
         "predictions": _write_compact_json(out / "predictions.json", predictions_to_coco_results(preds, ids)),
         "ground_truth": _write_compact_json(out / "ground_truth.json", records_to_coco(records, class_names, ids)),
         "pr_curves": write_pr_curves(out / "pr_curves.png", records, preds, class_names),
+        "confusion_matrix": write_confusion_matrix(out / CONFUSION_NAME, metrics["confusion_matrix"]),
     }
     threshold = float(metrics["protocol"]["score_threshold"])
     paths["renders"] = write_renders(out / "renders", records, preds, class_names, threshold, num_rendered)

@@ -25,6 +25,7 @@ from distdet.data.splits import SPLIT_NAMES
 from distdet.data.presets import PRESETS
 from distdet.modeling.names import MODEL_NAMES
 from distdet.runtime.options import DEFAULT_DIST_TIMEOUT_S, MIXED_PRECISION_CHOICES, add_hidden_alias, old_spelling
+from distdet.training.tracker_choice import REPORT_TO, resolve_trackers
 
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("multistep", "cosine")
@@ -157,9 +158,16 @@ class TrainConfig:
 
     # -- logging ------------------------------------------------------------------------------------
     log_every: int = _flag("log metrics every this many optimizer steps", group="log", default=10)
-    tensorboard: bool = _flag("write TensorBoard scalars (through Accelerate's tracker)", group="log",
-                              default=True)
+    report_to: str = _flag(
+        "experiment trackers (Accelerate's) that get the metrics.jsonl scalars and the run config: "
+        "all = every installed one; wandb and mlflow come with pip install 'distdet[trackers]'",
+        group="log", choices=REPORT_TO, default="tensorboard")
+    tensorboard: bool = _flag("--no-tensorboard leaves TensorBoard out of --report-to (older spelling of "
+                              "--report-to none)", group="log", default=True)
     progress: bool = _flag("show a progress bar", group="log", default=True)
+    pictures: bool = _flag("draw plots/labels.png (label statistics of the training images) and "
+                           "train_batches.png (the first augmented batches) before the first step",
+                           group="log", default=True)
 
     # -- distributed and cluster --------------------------------------------------------------------
     dist_timeout: float = _flag("seconds a collective waits for the other ranks before failing",
@@ -380,3 +388,4 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--aspect-ratio-group-factor must be -1 (off) or >= 0, got {cfg.aspect_ratio_group_factor}")
     if sorted(cfg.lr_milestones) != list(cfg.lr_milestones):
         raise ValueError(f"--lr-milestones must be increasing, got {cfg.lr_milestones}")
+    resolve_trackers(cfg.report_to, cfg.tensorboard)  # a tracker whose package is missing

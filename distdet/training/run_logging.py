@@ -2,7 +2,10 @@
 
 - ``metrics.jsonl``: one JSON object per line (``kind`` = ``train`` or ``eval``), appended;
 - ``events.jsonl``: start, resume, interruption, bad-step and finish notes;
-- TensorBoard scalars through Accelerate's tracker (``<run>/tensorboard``);
+- the same scalars, and the run config, through Accelerate's experiment trackers
+  (``--report-to``, see :mod:`distdet.training.tracker_choice`): TensorBoard (``<run>/tensorboard``),
+  Weights & Biases (``<run>/wandb``), MLflow (``<run>/mlruns`` unless ``MLFLOW_TRACKING_URI``
+  names another store);
 - a tqdm progress bar (epoch, step, loss, lr, images/s, ETA) on stderr.
 
 Other ranks log warnings and errors only, each line prefixed with its rank.
@@ -11,18 +14,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.tracking import filter_trackers
+from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
 from tqdm.auto import tqdm
 
 METRICS_NAME = "metrics.jsonl"
 EVENTS_NAME = "events.jsonl"
+#: The TensorBoard run's sub-folder of the run folder.
 TRACKER_PROJECT = "tensorboard"
+#: W&B project and MLflow experiment name, unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME say otherwise.
+EXPERIMENT_NAME = "distdet"
 
 
 def configure_logging(rank: int, world_size: int, is_main: bool) -> None:
@@ -39,17 +46,19 @@ def configure_logging(rank: int, world_size: int, is_main: bool) -> None:
 class RunLog:
     """Metrics and events of one run; every method is a no-op off the main process."""
 
-    def __init__(self, accelerator: Accelerator, run_dir: Path, use_tensorboard: bool, config: dict[str, Any]) -> None:
+    def __init__(self, accelerator: Accelerator, run_dir: Path, trackers: list[str], config: dict[str, Any]) -> None:
+        """``trackers``: names from :func:`~distdet.training.tracker_choice.resolve_trackers`
+        (empty: metrics.jsonl only)."""
         self.accelerator = accelerator
         self.run_dir = Path(run_dir)
         self.active = accelerator.is_main_process
-        self.tensorboard = use_tensorboard
-        if use_tensorboard:
+        self.tracking = bool(trackers) and self.active
+        if self.tracking:
             # The run folder is known only after the Accelerator exists (it is decided on the main
-            # process and broadcast), so the tracker is attached here; it lives on the main process.
+            # process and broadcast), so the trackers are attached here, on the main process only.
             accelerator.project_configuration.set_directories(str(self.run_dir))
-            accelerator.log_with = filter_trackers("tensorboard", str(self.run_dir))
-            accelerator.init_trackers(TRACKER_PROJECT, config=_tb_hparams(config))
+            accelerator.log_with = [_make_tracker(name, self.run_dir) for name in trackers]
+            accelerator.init_trackers(EXPERIMENT_NAME, config=_flat_config(config))
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
         if not self.active:
@@ -58,9 +67,9 @@ class RunLog:
             handle.write(json.dumps(record, default=str) + "\n")
 
     def metrics(self, kind: str, step: int, values: dict[str, Any], **extra: Any) -> None:
-        """Append a metrics record and send its numbers to TensorBoard under ``kind/``."""
+        """Append a metrics record and send its numbers to the trackers under ``kind/``."""
         self._append(METRICS_NAME, {"kind": kind, "step": step, "time": time.time(), **extra, **values})
-        if self.tensorboard and self.active:
+        if self.tracking:
             scalars = {f"{kind}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))}
             self.accelerator.log(scalars, step=step)
 
@@ -68,9 +77,43 @@ class RunLog:
         self._append(EVENTS_NAME, {"event": event, "time": time.time(), **details})
 
 
-def _tb_hparams(config: dict[str, Any]) -> dict[str, Any]:
-    """The flat scalar part of the config, as TensorBoard's hparams accept."""
-    return {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
+def _make_tracker(name: str, run_dir: Path) -> GeneralTracker:
+    """One Accelerate tracker writing under ``run_dir`` (its start() runs in init_trackers)."""
+    if name == "tensorboard":
+        return TensorBoardTracker(TRACKER_PROJECT, str(run_dir))
+    if name == "wandb":  # WANDB_MODE=offline keeps the run on disk only (wandb sync uploads it later)
+        return WandBTracker(os.environ.get("WANDB_PROJECT", EXPERIMENT_NAME), name=run_dir.name, dir=str(run_dir))
+    import mlflow
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        # mlflow 3.x refuses its file store unless told (it prefers sqlite, which needs SQLAlchemy
+        # and Alembic: not in mlflow-skinny); a file store in the run folder needs no server.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
+    return _MLflowTracker(EXPERIMENT_NAME, run_name=run_dir.name)
+
+
+def mlflow_metric_name(name: str) -> str:
+    """``kind/family/metric/class`` -> ``kind/family.metric.class``: MLflow's file store keeps each
+    metric as a file at its name's path, so ``test/coco/AP`` (a file) and ``test/coco/AP/with_mask``
+    (a file under a folder of the same path) cannot both exist; it fails with NotADirectoryError."""
+    kind, _, rest = name.partition("/")
+    return f"{kind}/{rest.replace('/', '.')}" if rest else kind
+
+
+class _MLflowTracker(MLflowTracker):
+    """Accelerate's MLflow tracker with metric names every MLflow store accepts."""
+
+    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        super().log({mlflow_metric_name(k): v for k, v in values.items()}, step=step, **kwargs)
+
+
+def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as every tracker accepts it: scalars kept, lists written as text, None dropped
+    (TensorBoard's hparams take only int, float, str and bool)."""
+    flat = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
+    flat.update({k: ",".join(map(str, v)) for k, v in config.items() if isinstance(v, (list, tuple))})
+    return flat
 
 
 class Progress:

@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 
 import distdet
+from distdet.classes import class_colours
 from distdet.data import collate_detection
 from distdet.eval import evaluate_model, scalar_metrics
 from distdet.io_utils import atomic_write_json
@@ -68,8 +70,11 @@ from distdet.training.data_setup import SPLIT_NAME, TrainingData, prepare_data
 from distdet.training.debug_hooks import DebugHooks
 from distdet.training.elastic import LayoutChange, ResumeContext, continue_on_layout, layout_fields
 from distdet.runtime.accelerator import LaunchError, agree_any, build_accelerator
+from distdet.training.pictures import PREVIEW_BATCHES, write_start_pictures
+from distdet.training.results_csv import write_results_csv
 from distdet.training.optim import ScheduleClock, build_optimizer, build_scheduler, effective_lr, resolve_warmup_steps
 from distdet.training.run_logging import Progress, RunLog, configure_logging
+from distdet.training.tracker_choice import resolve_trackers
 from distdet.training.sampling import EpochBatchSampler, SeededSampleDataset, aspect_ratio_groups
 from distdet.runtime.signals import (
     EXIT_INTERRUPTED,
@@ -196,7 +201,7 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
         resolved["layout_change"] = layout_change.to_json()
     if accelerator.is_main_process:
         _write_config(run_dir, cfg, resolved, data)
-    log = RunLog(accelerator, run_dir, cfg.tensorboard, {**cfg.to_dict(), **resolved})
+    log = RunLog(accelerator, run_dir, resolve_trackers(cfg.report_to, cfg.tensorboard), {**cfg.to_dict(), **resolved})
     log.event("resumed" if resume_from else "started", checkpoint=str(resume_from) if resume_from else None,
               global_step=state.global_step, epoch=state.epoch, world_size=world, slurm_job_id=slurm_job_id())
     if layout_change is not None:
@@ -208,6 +213,9 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
                        accelerator.process_index)
     run = Run(cfg, accelerator, run_dir, data, sampler, loader, model, optimizer, scheduler, log, progress, stop,
               hooks, steps_per_epoch, start_time)
+    if cfg.pictures and resume_from is None and accelerator.is_main_process:  # sampler at epoch 0, batch 0
+        write_start_pictures(run_dir, data.train_records, loader.dataset, list(islice(sampler, PREVIEW_BATCHES)),
+                             data.class_names, class_colours(data.class_names))
     return run, LoopState(state, last_saved_step=state.global_step if resume_from else -1)
 
 
@@ -263,6 +271,8 @@ def _train_epochs(run: Run, loop: LoopState) -> Outcome:
         if cfg.eval_every and (state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs):
             _evaluate_and_keep_best(run, loop)
         _checkpoint(run, loop)
+        if run.accelerator.is_main_process:
+            write_results_csv(run.run_dir)
     return Outcome.MAX_STEPS if _max_steps_reached(run, loop) else Outcome.FINISHED
 
 
@@ -503,6 +513,7 @@ def _save_final_model(run: Run, loop: LoopState, outcome: Outcome) -> None:
         card = _model_card(run, loop, {"test": test_metrics} if test_metrics else {})
         save_detector(accelerator.unwrap_model(run.model), card, run.run_dir)
         atomic_write_json(run.run_dir / "report.json", report)
+        write_results_csv(run.run_dir)  # with the final test evaluation
         _write_plots(run.run_dir)
     run.log.event("finished", **{k: v for k, v in report.items() if k != "test_metrics"})
 

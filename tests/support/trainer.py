@@ -27,7 +27,7 @@ FAST = [
     "--min-size", "64", "--max-size", "96", "--batch-size", "2",
     "--split", "stratified", "--test-fraction", "0.2",
     "--workers", "0", "--no-progress", "--no-tensorboard", "--eval-every", "0", "--no-final-eval",
-    "--log-every", "1",
+    "--log-every", "1", "--no-pictures",
 ]
 
 
