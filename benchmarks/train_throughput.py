@@ -12,6 +12,13 @@ Rows, side by side in one run (same model, data, batch size and optimizer):
   (:data:`MALLOC_TUNING`: no trimming, a fixed 32 MiB mmap threshold, 1 GiB top pad), so the
   large activation buffers of each step are reused instead of unmapped and faulted in again.
 
+``--recipe FILE`` (like for like) runs only ``bare`` and ``distdet``, both built from the same
+``train.py --config FILE`` flags (plus any given after ``--``): the bare loop trains on the
+trainer's own batches (``train_loops.trainer_batches``: same images, order and sizes, checked
+against the trainer's ``--debug-record-samples``), the trainer runs the recipe as it is
+(clipping, the non-finite agreement, logging). At least 3 interleaved pairs, the order
+alternating per pair, the load average printed before and after each row.
+
 Each row runs in its own process(es). Throughput is images per second over the steps after
 ``--warmup`` (global, all processes); data wait is the share of step time spent waiting for the
 next batch; peak RSS is the largest resident memory of each training process (sampled every
@@ -22,6 +29,8 @@ throughput is reported, to damp the noise of a shared machine (its load average 
     PYTHONPATH=. python benchmarks/train_throughput.py --steps 40 --repeats 3 --min-size 240
     PYTHONPATH=. python benchmarks/train_throughput.py --rows distdet,distdet-malloc \
         --model fasterrcnn_lite0_fpn --min-size 448 --max-size 768 --data-dir ../shared/facemask --workers 1
+    PYTHONPATH=. python benchmarks/train_throughput.py --recipe configs/facemask_lite0_cpu.yaml \
+        --steps 20 --warmup 10 --repeats 3
 """
 from __future__ import annotations
 
@@ -37,6 +46,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from train_loops import (  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+    bare_run, bare_step, child_env, measured_run_flags, same_batches, timed_loop, trainer_image_ids,
+    trainer_throughput,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated rows: bare, distdet (1 process x 2 threads), bare-1t, distdet-1t "
                         "(1 x 1), distdet-2proc (2 processes x 1 thread), distdet-malloc (1 x 2, tuned malloc)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--recipe", default=None, metavar="FILE",
+                   help="like-for-like mode: rows bare and distdet only, both from train.py --config FILE plus the "
+                        "train.py flags given after --; the bare loop trains on the trainer's own batches")
+    p.add_argument("--threads", type=int, default=2, help="--recipe mode: OMP_NUM_THREADS of both rows")
+    p.add_argument("train_flags", nargs="*", help="--recipe mode: train.py flags (after --) over the recipe's")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run the bare loop
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -81,29 +100,26 @@ def bare_loop(args: argparse.Namespace) -> None:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=5e-4)
-    total = args.warmup + args.steps
-    step, data_time, start = 0, 0.0, None
-    while step < total:
-        batches = iter(loader)
-        while step < total:
-            t0 = time.perf_counter()
-            try:
-                images, targets = next(batches)
-            except StopIteration:
-                break
-            waited = time.perf_counter() - t0
-            if step == args.warmup:
-                start, data_time = t0, 0.0
-            if start is not None:
-                data_time += waited
-            loss = sum(model(list(images), list(targets)).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-    elapsed = time.perf_counter() - start
-    Path(args.out).write_text(json.dumps({"images_per_s": args.steps * args.batch_size / elapsed,
-                                          "data_wait_frac": data_time / elapsed}))
+
+    def epochs():
+        while True:
+            yield from loader
+
+    cpu = torch.device("cpu")
+    result = timed_loop(epochs(), bare_step(model, optimizer, cpu, "fp32"), args.steps, args.warmup, cpu)
+    Path(args.out).write_text(json.dumps({k: result[k] for k in ("images_per_s", "data_wait_frac")}))
+
+
+def bare_recipe_loop(args: argparse.Namespace) -> None:
+    """``--recipe`` mode's bare row: the tutorial step on the trainer's own batches (train_loops)."""
+    import torch
+
+    from distdet.training.config import parse_config
+
+    cfg = parse_config(args.train_flags)
+    precision = "bf16" if cfg.mixed_precision == "bf16" else "fp32"
+    result = bare_run(cfg, torch.device("cpu"), precision, args.steps, args.warmup)
+    Path(args.out).write_text(json.dumps(result))
 
 
 # -- running rows -------------------------------------------------------------------------------------
@@ -157,14 +173,6 @@ MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_":
                  "MALLOC_TOP_PAD_": "1073741824"}
 
 
-def _env(threads: int, extra: dict[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["OMP_NUM_THREADS"] = str(threads)
-    env.update(extra)
-    return env
-
-
 def _run(cmd: list[str], env: dict[str, str], marker: str) -> tuple[list[float], str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     monitor = PeakRss(proc.pid, marker)
@@ -181,7 +189,7 @@ def run_bare(args: argparse.Namespace, threads: int, tmp: Path, extra_env: dict[
            "--model", args.model, "--min-size", str(args.min_size), "--max-size", str(args.max_size),
            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--box-batch-size-per-image", str(args.box_batch_size_per_image)]
-    peaks, _ = _run(cmd, _env(threads, extra_env), "train_throughput.py")
+    peaks, _ = _run(cmd, child_env(threads, extra_env), "train_throughput.py")
     return {**json.loads(out.read_text()), "peak_rss_mib": peaks}
 
 
@@ -201,15 +209,8 @@ def run_distdet(args: argparse.Namespace, threads: int, processes: int, tmp: Pat
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml"), "--num_processes", str(processes),
                "--main_process_port", str(_free_port()), *train]
-    peaks, _ = _run(cmd, _env(threads, extra_env), "train.py")
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    records = [r for r in records if r["kind"] == "train" and r["step"] > args.warmup]
-    # every window is one step here: time = images / (images/s)
-    images = sum(args.batch_size * processes for _ in records)
-    seconds = sum(args.batch_size * processes / r["images_per_s"] for r in records)
-    data = sum(r["data_wait_frac"] * args.batch_size * processes / r["images_per_s"] for r in records)
-    return {"images_per_s": images / seconds, "data_wait_frac": data / seconds, "peak_rss_mib": peaks}
-
+    peaks, _ = _run(cmd, child_env(threads, extra_env), "train.py")
+    return {**trainer_throughput(run_dir, args.warmup, args.batch_size * processes), "peak_rss_mib": peaks}
 
 ROWS = {  # name: (processes, torch threads per process, runner, extra environment)
     "bare": (1, 2, run_bare, {}),
@@ -226,6 +227,11 @@ def main(argv=None) -> int:
     if args.worker == "bare":
         bare_loop(args)
         return 0
+    if args.worker == "bare-recipe":
+        bare_recipe_loop(args)
+        return 0
+    if args.recipe:
+        return like_for_like(args)
     if args.data_dir is None:
         from distdet.data.synthetic import default_data_dir
 
@@ -273,6 +279,70 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "best": best,
                                                "ratios": summary, "load_before": load_before}, indent=1))
     return 0
+
+
+# -- like-for-like mode (--recipe) ------------------------------------------------------------------
+
+def recipe_flags(args: argparse.Namespace) -> list[str]:
+    """The train.py flags both rows of ``--recipe`` mode are built from."""
+    return ["--config", args.recipe, *(["--data-dir", args.data_dir] if args.data_dir else []), *args.train_flags]
+
+
+def run_recipe_row(row: str, args: argparse.Namespace, flags: list[str], batch_size: int, tmp: Path,
+                   tag: str) -> dict:
+    if row == "bare":
+        out = tmp / f"{tag}.json"
+        cmd = [sys.executable, __file__, "--worker", "bare-recipe", "--out", str(out), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--", *flags]
+        peaks, _ = _run(cmd, child_env(args.threads), "train_throughput.py")
+        return {**json.loads(out.read_text()), "peak_rss_mib": peaks}
+    run_dir = tmp / tag
+    cmd = [sys.executable, str(REPO / "train.py"), *flags, *measured_run_flags(args.warmup + args.steps, run_dir)]
+    peaks, _ = _run(cmd, child_env(args.threads), "train.py")
+    return {**trainer_throughput(run_dir, args.warmup, batch_size), "image_ids": trainer_image_ids(run_dir),
+            "peak_rss_mib": peaks}
+
+
+def like_for_like(args: argparse.Namespace) -> int:
+    """Interleaved bare/distdet pairs on identical batches (order alternating per pair); 1 if batches differ."""
+    from distdet.training.config import parse_config
+
+    flags = recipe_flags(args)
+    cfg = parse_config(flags)  # a bad flag or recipe exits 2 here, naming it
+    problems = [f"--{name} {getattr(args, name)} must be a multiple of the recipe's --log-every {cfg.log_every} "
+                f"(the trainer's logged windows must separate warmup from measured steps)"
+                for name in ("warmup", "steps") if getattr(args, name) % cfg.log_every]
+    if args.repeats < 3:
+        problems.append(f"--repeats {args.repeats}: --recipe needs at least 3 interleaved pairs")
+    if problems:
+        print("train_throughput.py: error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    pairs = []
+    with tempfile.TemporaryDirectory(prefix="distdet-bench-") as tmp_name:
+        for pair in range(args.repeats):
+            results: dict = {}
+            for row in ("bare", "distdet") if pair % 2 == 0 else ("distdet", "bare"):
+                before = os.getloadavg()[0]
+                results[row] = run_recipe_row(row, args, flags, cfg.batch_size, Path(tmp_name), f"{row}_{pair}")
+                results[row]["load_average"] = [before, os.getloadavg()[0]]
+                print(f"[pair {pair + 1}/{args.repeats}] {row:8s} {results[row]['images_per_s']:7.3f} img/s  "
+                      f"data wait {100 * results[row]['data_wait_frac']:4.1f}%  "
+                      f"load average {before:.2f} -> {results[row]['load_average'][1]:.2f}", flush=True)
+            results["ratio"] = results["distdet"]["images_per_s"] / results["bare"]["images_per_s"]
+            results["same_batches"] = same_batches(results["bare"].pop("image_ids"),
+                                                   results["distdet"].pop("image_ids"))
+            pairs.append(results)
+    ratios = sorted(p["ratio"] for p in pairs)
+    same = all(p["same_batches"] for p in pairs)
+    print(f"\nrecipe {args.recipe} {' '.join(args.train_flags)}: {args.warmup} warmup + {args.steps} measured steps, "
+          f"batch {cfg.batch_size}, {args.threads} threads, {args.repeats} interleaved pairs")
+    per_pair = ", ".join(f"{p['ratio']:.3f}" for p in pairs)
+    print(f"distdet / bare per pair: {per_pair}; median {ratios[len(ratios) // 2]:.3f}"
+          f" (min {ratios[0]:.3f}, max {ratios[-1]:.3f}); identical batches in every pair: {'yes' if same else 'NO'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "pairs": pairs, "median_ratio": ratios[len(ratios) // 2],
+                                               "same_batches": same}, indent=1))
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 #: sets ``func(args) -> int`` as the parser default.
 COMMAND_MODULES: tuple[str, ...] = (
     "check_data",
+    "convert",
     "evaluate",
     "export",
     "make_synthetic",

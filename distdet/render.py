@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from distdet.classes import CLASS_COLOURS, CLASS_NAMES
+from distdet.classes import CLASS_NAMES, class_colours
 
 _FALLBACK_COLOUR = (0, 120, 255)
 _BACKGROUND = (255, 255, 255)
@@ -37,11 +37,13 @@ def draw_detections(image: Image.Image | torch.Tensor | np.ndarray, boxes: np.nd
                     labels: Sequence[int] | np.ndarray | torch.Tensor,
                     scores: Sequence[float] | np.ndarray | torch.Tensor | None = None,
                     class_names: Sequence[str] = CLASS_NAMES,
-                    colours: Mapping[str, tuple[int, int, int]] = CLASS_COLOURS,
+                    colours: Mapping[str, tuple[int, int, int]] | None = None,
                     line_width: int | None = None) -> Image.Image:
     """Return a copy of ``image`` with each xyxy box drawn in its class colour and captioned
     with the class name, plus the score when ``scores`` is given. ``labels`` are 1-based ids
-    into ``class_names``; unknown classes are drawn in blue with their id."""
+    into ``class_names``; unknown classes are drawn in blue with their id. ``colours``
+    defaults to :func:`distdet.classes.class_colours` of ``class_names``."""
+    colours = class_colours(class_names) if colours is None else colours
     canvas = to_pil(image).copy()
     boxes = np.asarray(boxes.detach().cpu() if isinstance(boxes, torch.Tensor) else boxes,
                        dtype=np.float64).reshape(-1, 4)
@@ -86,10 +88,11 @@ def side_by_side(left: Image.Image, right: Image.Image, titles: tuple[str, str] 
 
 
 def add_legend(image: Image.Image, class_names: Sequence[str] = CLASS_NAMES,
-               colours: Mapping[str, tuple[int, int, int]] = CLASS_COLOURS) -> Image.Image:
+               colours: Mapping[str, tuple[int, int, int]] | None = None) -> Image.Image:
     """Return ``image`` with a white strip below it naming each class next to a swatch of its
-    colour, wrapped onto more rows when the image is narrow (and widened when even one class
-    name does not fit)."""
+    colour (default: :func:`distdet.classes.class_colours`), wrapped onto more rows when the
+    image is narrow (and widened when even one class name does not fit)."""
+    colours = class_colours(class_names) if colours is None else colours
     font = _font(max(10, round(min(image.size) / 30)))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     extents = [probe.textbbox((0, 0), name, font=font) for name in class_names]

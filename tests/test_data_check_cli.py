@@ -47,7 +47,8 @@ def test_errors_are_grouped_by_kind_and_fail(tmp_path: Path, capsys: pytest.Capt
     bad_class = edit_xml(data, "maksssksksss10", "<name>with_mask</name>", "<name>hat</name>")
     truncated = image_path(data, "maksssksksss5")
     truncated.write_bytes(truncated.read_bytes()[:5000])
-    code, out = run_in_process([str(data), "--json", str(tmp_path / "r.json")], capsys)
+    face_mask = ["--class-names", "with_mask,without_mask,mask_weared_incorrect"]
+    code, out = run_in_process([str(data), *face_mask, "--json", str(tmp_path / "r.json")], capsys)
     assert code == 1
     assert "Images: 1" in out and "Result: ERRORS" in out
     assert "  unknown_class: 1" in out and f"    {bad_class}: object 0 (hat): unknown class name 'hat'" in out
@@ -55,14 +56,17 @@ def test_errors_are_grouped_by_kind_and_fail(tmp_path: Path, capsys: pytest.Capt
     report = json.loads((tmp_path / "r.json").read_text())
     assert not report["ok"] and [p["path"] for p in report["problems"]["truncated_image"]] == [str(truncated)]
     # --quick reads headers only and misses the truncation, but still fails on the class
-    code, out = run_in_process([str(data), "--quick"], capsys)
+    code, out = run_in_process([str(data), *face_mask, "--quick"], capsys)
     assert code == 1 and "truncated_image" not in out and "unknown_class" in out
     # lenient: the bad files would be skipped, one usable image remains
-    code, out = run_in_process([str(data), "--lenient"], capsys)
+    code, out = run_in_process([str(data), *face_mask, "--lenient"], capsys)
     assert code == 0 and "Result: OK in lenient mode (2 file(s) would be skipped)" in out
     # a class list that knows "hat" accepts that file
     code, out = run_in_process([str(data), "--class-names", "with_mask,without_mask,mask_weared_incorrect,hat", "--quick"], capsys)
     assert code == 0 and "hat" in out
+    # without a class list the VOC names are taken, sorted, since "hat" is not a face-mask class
+    code, out = run_in_process([str(data), "--quick"], capsys)
+    assert code == 0 and "Classes: hat, with_mask, without_mask (from the VOC annotations (names sorted))" in out
 
 
 @needs_originals

@@ -10,8 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdet.classes import CLASS_NAMES
 from distdet.commands.arguments import add_model_dir, add_output, add_runtime_options, build_command_accelerator
+from distdet.commands.check_data import class_list_arg
+from distdet.data.index import DataIndex
 from distdet.data.records import ImageRecord
 from distdet.data.splits import SPLIT_NAMES, SPLIT_PARTS
 from distdet.runtime.options import (
@@ -40,9 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-predictions-mb", type=positive_float, default=64.0,
                         help="refuse a --predictions file larger than this many MiB (default: 64)")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="dataset folder (images/ + annotations/); default: with --model-dir, the data and "
-                             "split manifest recorded in its model card when both still exist, else the "
-                             "synthetic default dataset")
+                        help="dataset folder (COCO JSON + images, or VOC images/ + annotations/); default: with "
+                             "--model-dir, the data and split manifest recorded in its model card when both "
+                             "still exist, else the synthetic default dataset")
+    parser.add_argument("--annotations", type=Path, metavar="FILE", default=None,
+                        help="the COCO instances JSON, when it is not DIR/annotations.json or DIR/instances_*.json")
+    parser.add_argument("--class-names", type=class_list_arg, default=None, metavar="A,B,C",
+                        help="class names in label order; with --model-dir they must be the model card's "
+                             "(default: the card's, or for --predictions those of the data)")
     parser.add_argument("--split-part", choices=SPLIT_PARTS, default="test",
                         help=old_spelling("part of the split to evaluate, or all images (default: test)", "--split"))
     add_hidden_alias(parser, "--split", "split_part", choices=SPLIT_PARTS)
@@ -69,12 +75,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _records(args: argparse.Namespace, class_names: tuple[str, ...]) -> list[ImageRecord]:
-    from distdet.data.index import build_index
-    from distdet.data.splits import select_part
+def _index(args: argparse.Namespace, run_class_names: tuple[str, ...] | None = None) -> DataIndex:
+    """The data to evaluate on; with ``run_class_names`` (the model card's) the data's class list must match."""
+    from distdet.data.sources import open_index
     from distdet.data.synthetic import resolve_data_dir
 
-    index = build_index(resolve_data_dir(args.data_dir), class_names=class_names)
+    return open_index(resolve_data_dir(args.data_dir), args.class_names, annotations=args.annotations,
+                      run_class_names=run_class_names, run_what=f"the model card of {args.model_dir}")
+
+
+def _records(args: argparse.Namespace, index: DataIndex) -> list[ImageRecord]:
+    """The records of ``--split-part``; a ``--split-manifest`` recording another class list is an error."""
+    from distdet.data.class_list import check_same_classes
+    from distdet.data.splits import load_manifest, select_part
+
+    if args.split_manifest is not None and args.split_part != "all":
+        recorded = load_manifest(args.split_manifest).class_names
+        if recorded:
+            check_same_classes(recorded, f"split manifest {args.split_manifest}", index.class_names,
+                               f"the data ({index.class_source})")
     return select_part(index.records, args.split_part, args.split_scheme, args.split_manifest)
 
 
@@ -93,17 +112,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_predictions(args: argparse.Namespace) -> int:
     from distdet.eval import compute_metrics, format_metrics_table, write_evaluation_outputs
+    from distdet.eval.coco import CocoIds
     from distdet.eval.results_file import load_coco_results
 
-    class_names = CLASS_NAMES
-    records = _records(args, class_names)
+    index = _index(args)
+    class_names, records = index.class_names, _records(args, index)
     path = Path(args.predictions)
-    predictions = load_coco_results(path, len(records), len(class_names),
+    predictions = load_coco_results(path, len(records), len(class_names), CocoIds.of(records, index.category_ids),
                                     max_bytes=int(args.max_predictions_mb * 2**20))
     metrics = compute_metrics(records, predictions, class_names, score_threshold=args.score_threshold,
                               voc07=args.voc07)
     out = args.output_dir or path.with_name(f"{path.stem}-eval-{args.split_part}")
-    write_evaluation_outputs(out, records, predictions, metrics, num_rendered=args.num_rendered)
+    write_evaluation_outputs(out, records, predictions, metrics, num_rendered=args.num_rendered,
+                             category_ids=index.category_ids)
     print(format_metrics_table(metrics))
     print(f"\nevaluated {len(records)} images ({args.split_part}); wrote metrics and outputs to {out}")
     return 0
@@ -113,9 +134,11 @@ def _default_to_training_data(args: argparse.Namespace, info: dict) -> None:
     """Without --data-dir and --split-manifest, evaluate on the data and split the model was trained on."""
     if args.data_dir is not None or args.split_manifest is not None:
         return
-    data_dir, manifest = info.get("data_dir"), info.get("split_manifest")
+    data_dir, manifest, annotations = info.get("data_dir"), info.get("split_manifest"), info.get("annotations")
     if data_dir and manifest and Path(data_dir).is_dir() and Path(manifest).is_file():
         args.data_dir, args.split_manifest = Path(data_dir), Path(manifest)
+        if args.annotations is None and annotations and Path(annotations).is_file():
+            args.annotations = Path(annotations)
         print(f"distdet evaluate: using the training run's data {data_dir} and split {manifest}", file=sys.stderr)
 
 
@@ -131,7 +154,8 @@ def _run_model(args: argparse.Namespace) -> int:
     model, card = load_detector_model(args.model_dir, device=accelerator.device)
     _default_to_training_data(args, card.info)
     class_names = tuple(card.class_names)
-    records = _records(args, class_names)
+    index = _index(args, class_names)
+    records = _records(args, index)
     model_dir = Path(args.model_dir)
     out = args.output_dir or (model_dir if model_dir.is_dir() else model_dir.parent) / f"eval-{args.split_part}"
     metrics = evaluate_model(
@@ -140,6 +164,7 @@ def _run_model(args: argparse.Namespace) -> int:
         box_score_thresh=EVAL_SCORE_THRESH if args.box_score_thresh is None else args.box_score_thresh,
         box_detections_per_img=args.box_detections_per_img or EVAL_DETECTIONS_PER_IMG,
         score_threshold=args.score_threshold, voc07=args.voc07, out_dir=out, num_rendered=args.num_rendered,
+        category_ids=index.category_ids,
     )
     if accelerator.is_main_process:
         print(format_metrics_table(metrics))

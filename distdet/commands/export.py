@@ -21,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(losses, [{boxes, labels, scores}]). ONNX: input 'image' with dynamic H and W, "
             "outputs 'boxes', 'labels', 'scores' (run it with onnxruntime, extra distdet[onnx]). "
             "With --verify the exported file is loaded in its runtime and its detections are "
-            "compared with the PyTorch model's on sample images; a mismatch exits with status 1."
+            "compared with the PyTorch model's on sample images; a mismatch exits with status 1. "
+            "The class table (label id -> class name and colour, from the model card) is written to "
+            "FILE.classes.json."
         ),
         allow_abbrev=False,
     )
@@ -42,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from distdet.inference.class_table import write_class_table
     from distdet.inference.export import ExportError, export_model, load_verify_images, synthetic_verify_images, verify_export
     from distdet.modeling.model_card import load_detector_model
     from distdet.modeling.models import set_eval_thresholds
@@ -61,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         path = export_model(model, args.format, args.output_file, tuple(args.image_size) if args.image_size else None)
         print(f"wrote {args.format} model {path} ({path.stat().st_size / 2**20:.1f} MiB) from {card.model}, "
               f"score threshold {model.roi_heads.score_thresh:g}")
+        print(f"wrote its class table {write_class_table(path, card)}: labels 1..{len(card.class_names)} = "
+              f"{', '.join(card.class_names)}")
         if not (args.verify or images):
             return 0
         result = verify_export(model, path, args.format, images or synthetic_verify_images())

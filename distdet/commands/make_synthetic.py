@@ -5,6 +5,8 @@ import argparse
 import sys
 import time
 
+from distdet.classes import CLASS_NAMES
+from distdet.commands.check_data import class_list_arg
 from distdet.data.synthetic import (
     DEFAULT_FACE_SIZE,
     DEFAULT_IMAGE_SIZE,
@@ -57,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"largest face height in pixels, at most min(width, height) (default: {DEFAULT_FACE_SIZE[1]})",
     )
     parser.add_argument(
+        "--class-names", type=class_list_arg, default=CLASS_NAMES, metavar="A,B,C",
+        help="class names to write (class i is drawn like face-mask class i %% 3); default: the face-mask "
+             "classes",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true",
         help="replace OUT as a whole if it exists and is not empty (its old contents are deleted)",
     )
@@ -74,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             max_objects_per_image=args.max_objects,
             face_size=(args.min_face, args.max_face),
             overwrite=args.overwrite,
+            class_names=args.class_names,
         )
     except (FileExistsError, ValueError) as error:
         print(f"distdet make-synthetic: error: {error}", file=sys.stderr)

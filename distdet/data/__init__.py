@@ -1,4 +1,4 @@
-"""The dataset layer: VOC parsing, the in-memory index, the torch Dataset, transforms, splits.
+"""The dataset layer: VOC and COCO parsing, class lists, the in-memory index, the torch Dataset, transforms, splits.
 
 The names below are imported on first use (:pep:`562`), so that importing a torch-free module
 of this package (``distdet.data.splits``, ``distdet.data.presets``, ...) does not import torch.
@@ -14,6 +14,7 @@ _EXPORTS: dict[str, str] = {
     "DataIndex": "index", "build_index": "index",
     "DataError": "problems", "Problem": "problems", "ProblemKind": "problems",
     "ImageRecord": "records",
+    "open_index": "sources",
     "Split": "splits", "choose_split": "splits", "load_manifest": "splits", "make_split": "splits",
     "save_manifest": "splits", "select_part": "splits", "select_records": "splits",
     "stratified_split": "splits", "tutorial_split": "splits",

@@ -23,7 +23,9 @@ class DetectionDataset(Dataset):
     Item ``i`` is ``(image, target)``: ``image`` float32 ``[3, H, W]`` in ``[0, 1]``; ``target``
     has ``boxes`` float32 ``[N, 4]`` xyxy, ``labels`` int64 ``[N]``, ``image_id`` int64 scalar
     (= ``i``, the position in ``records``), ``area`` float32 ``[N]`` and ``iscrowd`` int64 ``[N]``.
-    An image without objects gives ``boxes`` of shape ``(0, 4)``.
+    An image without objects gives ``boxes`` of shape ``(0, 4)``. COCO crowd regions
+    (``record.iscrowd``) are left out of the target: they are not trained on (as torchvision's
+    COCO references do); the evaluation reads them from the records.
 
     ``transforms`` is a torchvision.transforms.v2 style callable taking and returning
     ``(image, target)`` where ``image`` is a uint8 :class:`tv_tensors.Image` and
@@ -49,13 +51,14 @@ class DetectionDataset(Dataset):
                 f"image is {pil.size[0]}x{pil.size[1]} but its annotation says {record.width}x{record.height}",
             )
         image = tv_tensors.Image(F.pil_to_tensor(pil))
+        keep = ~record.crowd
         target: dict[str, Any] = {
             "boxes": tv_tensors.BoundingBoxes(
-                torch.from_numpy(record.boxes.reshape(-1, 4).astype("float32", copy=True)),
+                torch.from_numpy(record.boxes.reshape(-1, 4)[keep].astype("float32", copy=True)),
                 format=tv_tensors.BoundingBoxFormat.XYXY,
                 canvas_size=(record.height, record.width),
             ),
-            "labels": torch.from_numpy(record.labels.astype("int64", copy=True)),
+            "labels": torch.from_numpy(record.labels[keep].astype("int64", copy=True)),
         }
         if self.transforms is not None:
             image, target = self.transforms(image, target)

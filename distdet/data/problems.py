@@ -17,6 +17,8 @@ class ProblemKind(str, Enum):
     """The kinds of bad input the dataset layer detects."""
 
     MALFORMED_XML = "malformed_xml"
+    MALFORMED_JSON = "malformed_json"
+    DUPLICATE_ID = "duplicate_id"
     UNSAFE_XML = "unsafe_xml"
     OVERSIZED_FILE = "oversized_file"
     NOT_A_FILE = "not_a_file"

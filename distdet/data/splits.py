@@ -3,7 +3,8 @@
 A split is a set of lists of file stems. ``tutorial`` reproduces the original tutorial (stems
 sorted lexicographically, the last 170 are the test set); ``stratified`` is a seeded split by
 fraction, stratified on the rarest class present in each image. The split a run used is
-written as a manifest that a later run can load with :func:`load_manifest`.
+written as a manifest that a later run can load with :func:`load_manifest`; the manifest also
+records the run's class list (``class_names``, empty in manifests written before it was).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ SPLIT_PARTS: tuple[str, ...] = ("test", "train", "val", "all")
 
 @dataclass(frozen=True)
 class Split:
-    """Stems per part; ``name``, ``seed`` and ``params`` record how the split was made."""
+    """Stems per part; ``name``, ``seed`` and ``params`` record how the split was made,
+    ``class_names`` the class list of the run that used it (empty when not recorded)."""
 
     name: str
     train: list[str]
@@ -38,6 +40,7 @@ class Split:
     test: list[str]
     seed: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
 
     def select(self, records: Sequence[ImageRecord]) -> dict[str, list[ImageRecord]]:
         """Records of each part (``"train"``, ``"val"``, ``"test"``), in stem order of the split."""
@@ -167,11 +170,11 @@ def select_part(records: Sequence[ImageRecord], part: str, scheme: str = "tutori
 
 
 def save_manifest(path: str | os.PathLike[str], split: Split) -> Path:
-    """Write ``split`` as JSON (format, name, seed, params, train/val/test stem lists)."""
+    """Write ``split`` as JSON (format, name, seed, params, class names, train/val/test stem lists)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": MANIFEST_FORMAT, "name": split.name, "seed": split.seed, "params": split.params,
-               **{p: list(getattr(split, p)) for p in _PARTS}}
+               "class_names": list(split.class_names), **{p: list(getattr(split, p)) for p in _PARTS}}
     path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     return path
 
@@ -207,4 +210,8 @@ def load_manifest(path: str | os.PathLike[str]) -> Split:
     params = payload.get("params") or {}
     if not (seed is None or isinstance(seed, int)) or not isinstance(params, dict):
         raise bad("'seed' must be an integer or null and 'params' an object")
-    return Split(str(payload.get("name", "manifest")), parts["train"], parts["val"], parts["test"], seed=seed, params=params)
+    class_names = payload.get("class_names", [])
+    if not isinstance(class_names, list) or not all(isinstance(n, str) for n in class_names):
+        raise bad("'class_names' must be a list of class names")
+    return Split(str(payload.get("name", "manifest")), parts["train"], parts["val"], parts["test"], seed=seed,
+                 params=params, class_names=tuple(class_names))

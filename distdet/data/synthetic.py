@@ -9,6 +9,10 @@ real Face Mask Detection annotations). The three classes differ in what covers t
 - ``mask_weared_incorrect``: the mask sits below the nose, covering mouth and chin, so the
   dark nose shows between the eyes and the mask.
 
+With another class list (``class_names``, e.g. for testing a run on one's own classes) the
+class at position ``i`` is drawn like face-mask class ``i % 3`` and the classes are equally
+likely; the names are written into the XML files and ``synthetic.json``.
+
 Output is a pure function of the parameters: image ``i`` is drawn from its own random stream
 seeded by ``(seed, i)``, so the same parameters give byte-identical files (with the same
 Pillow/zlib build). The folder is filled under a temporary name and renamed into place, with
@@ -72,6 +76,7 @@ class SyntheticParams:
     image_size: tuple[int, int]
     max_objects_per_image: int
     face_size: tuple[int, int]
+    class_names: tuple[str, ...] = CLASS_NAMES
 
     def validate(self) -> None:
         """Raise ValueError naming the offending parameter."""
@@ -98,6 +103,8 @@ class SyntheticParams:
             "image_size": list(self.image_size),
             "max_objects_per_image": self.max_objects_per_image,
             "face_size": list(self.face_size),
+            # only when not the default, so the cached default datasets keep their key
+            **({"class_names": list(self.class_names)} if self.class_names != CLASS_NAMES else {}),
         }
 
 
@@ -109,6 +116,7 @@ def make_synthetic_dataset(
     max_objects_per_image: int = DEFAULT_MAX_OBJECTS,
     face_size: tuple[int, int] = DEFAULT_FACE_SIZE,
     overwrite: bool = False,
+    class_names: tuple[str, ...] = CLASS_NAMES,
 ) -> Path:
     """Write a synthetic VOC dataset to ``out_dir`` and return its path.
 
@@ -126,6 +134,7 @@ def make_synthetic_dataset(
         image_size=(int(image_size[0]), int(image_size[1])),
         max_objects_per_image=int(max_objects_per_image),
         face_size=(int(face_size[0]), int(face_size[1])),
+        class_names=tuple(class_names),
     )
     params.validate()
     out = Path(out_dir)
@@ -269,7 +278,7 @@ def _stem(index: int) -> str:
 def _write_dataset(root: Path, params: SyntheticParams) -> None:
     (root / "images").mkdir(parents=True)
     (root / "annotations").mkdir()
-    counts = dict.fromkeys(CLASS_NAMES, 0)
+    counts = dict.fromkeys(params.class_names, 0)
     for index in range(params.num_images):
         stem = _stem(index)
         image, objects = _draw_image(np.random.default_rng([params.seed, index]), params)
@@ -281,7 +290,7 @@ def _write_dataset(root: Path, params: SyntheticParams) -> None:
         "format": MARKER_FORMAT,
         "version": SYNTHETIC_VERSION,
         "params": params.to_json(),
-        "class_names": list(CLASS_NAMES),
+        "class_names": list(params.class_names),
         "num_objects": sum(counts.values()),
         "objects_per_class": counts,
     }
@@ -306,9 +315,13 @@ def _draw_image(rng: np.random.Generator, params: SyntheticParams) -> tuple[Imag
         box = _place_face(rng, params, [b for _, b in objects])
         if box is None:
             continue
-        name = CLASS_NAMES[int(rng.choice(len(CLASS_NAMES), p=CLASS_PROBABILITIES))]
-        _draw_face(rng, draw, box, name)
-        objects.append((name, box))
+        names = params.class_names
+        if names == CLASS_NAMES:
+            position = int(rng.choice(len(CLASS_NAMES), p=CLASS_PROBABILITIES))
+        else:
+            position = int(rng.choice(len(names)))
+        _draw_face(rng, draw, box, CLASS_NAMES[position % len(CLASS_NAMES)])
+        objects.append((names[position], box))
     return image, objects
 
 

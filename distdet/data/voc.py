@@ -35,9 +35,10 @@ class VocAnnotation:
     width: int
     height: int
     boxes: np.ndarray  # float32 [N, 4] xyxy, clamped to [0, width] x [0, height]
-    labels: np.ndarray  # int64 [N]
+    labels: np.ndarray  # int64 [N] (0 for every object when parsed without a class list)
     difficult: np.ndarray  # bool [N]
     num_clamped: int  # boxes that had to be clamped into the image
+    names: tuple[str, ...] = ()  # class name of each object
 
 
 def make_xml_parser() -> etree.XMLParser:
@@ -99,7 +100,7 @@ def _parse_tree(path: Path, data: bytes, parser: etree.XMLParser) -> etree._Elem
 
 def parse_voc_annotation(
     path: str | os.PathLike[str],
-    class_names: tuple[str, ...] = CLASS_NAMES,
+    class_names: tuple[str, ...] | None = CLASS_NAMES,
     *,
     max_bytes: int = MAX_XML_BYTES,
     parser: etree.XMLParser | None = None,
@@ -111,6 +112,8 @@ def parse_voc_annotation(
     problem in the file (unsafe or malformed XML, oversized file, missing or non-numeric
     values, unknown class names, degenerate boxes, boxes entirely outside the image).
     A file with no ``<object>`` is returned with zero boxes; callers decide if that is allowed.
+    With ``class_names=None`` any name is accepted and every label is 0: the caller assigns
+    labels once the class list is known (from ``names``).
     """
     path = Path(path)
     root = _parse_tree(path, read_untrusted_bytes(path, max_bytes, "annotation"), parser or make_xml_parser())
@@ -120,10 +123,11 @@ def parse_voc_annotation(
     except ValueError as exc:
         raise DataError.single(ProblemKind.BAD_VALUE, path, str(exc)) from None
 
-    label_of = {name: i + 1 for i, name in enumerate(class_names)}
+    label_of = None if class_names is None else {name: i + 1 for i, name in enumerate(class_names)}
     problems: list[Problem] = []
     boxes: list[list[float]] = []
     labels: list[int] = []
+    names: list[str] = []
     difficult: list[bool] = []
     num_clamped = 0
     for i, obj in enumerate(root.iterfind("object")):
@@ -144,7 +148,7 @@ def parse_voc_annotation(
         except ValueError as exc:
             problems.append(Problem(ProblemKind.BAD_VALUE, path, f"{where}: {exc}"))
             continue
-        if name not in label_of:
+        if label_of is not None and name not in label_of:
             problems.append(Problem(
                 ProblemKind.UNKNOWN_CLASS, path,
                 f"{where}: unknown class name {name[:80]!r}; known classes: {', '.join(class_names)}",
@@ -167,7 +171,8 @@ def parse_voc_annotation(
             continue
         num_clamped += (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2)
         boxes.append([cx1, cy1, cx2, cy2])
-        labels.append(label_of[name])
+        labels.append(0 if label_of is None else label_of[name])
+        names.append(name)
         difficult.append(flag == "1")
     if problems:
         raise DataError(problems, header=f"{path}: {len(problems)} problem(s):")
@@ -178,4 +183,5 @@ def parse_voc_annotation(
         labels=np.asarray(labels, dtype=np.int64),
         difficult=np.asarray(difficult, dtype=bool),
         num_clamped=num_clamped,
+        names=tuple(names),
     )

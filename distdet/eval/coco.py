@@ -11,13 +11,20 @@ Conventions (the same everywhere in distdet):
 - the VOC ``difficult`` flag has no COCO counterpart: difficult objects are kept as ordinary
   objects (``iscrowd = 0``) so that ``ground_truth.json`` is the full annotation; the flag is
   kept in each annotation under ``"difficult"`` for reference (pycocotools ignores it). The
-  VOC metrics in :mod:`distdet.eval.voc` do ignore difficult objects.
+  VOC metrics in :mod:`distdet.eval.voc` do ignore difficult objects;
+- COCO crowd regions of a COCO dataset keep ``iscrowd = 1``, so pycocotools handles them its
+  own way (a detection matched to one is ignored; it is never a missed object).
+
+For files meant for the user (``ground_truth.json``, ``predictions.json``) a dataset read from
+a COCO file can use its ORIGINAL image and category ids instead (:class:`CocoIds`), so its
+predictions can be scored against the user's own annotation file.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,51 +40,79 @@ COCO_STAT_NAMES: tuple[str, ...] = (
 )
 
 
-def coco_categories(class_names: Sequence[str]) -> list[dict[str, Any]]:
-    """COCO ``categories`` list: ids 1..K in class order."""
-    return [{"id": i + 1, "name": name, "supercategory": "face"} for i, name in enumerate(class_names)]
+@dataclass(frozen=True)
+class CocoIds:
+    """Original COCO ids: ``image_ids[i]`` of the record at position ``i``, ``category_ids[l - 1]`` of label ``l``."""
+
+    image_ids: tuple[int, ...]
+    category_ids: tuple[int, ...]
+
+    @classmethod
+    def of(cls, records: Sequence[ImageRecord], category_ids: Sequence[int] | None) -> "CocoIds | None":
+        """The ids of records read from a COCO file (None when any record has no original id)."""
+        if category_ids is None or any(r.source_id is None for r in records):
+            return None
+        return cls(tuple(int(r.source_id) for r in records), tuple(int(c) for c in category_ids))
+
+    def image(self, position: int) -> int:
+        return self.image_ids[position]
+
+    def category(self, label: int) -> int:
+        return self.category_ids[label - 1]
 
 
-def records_to_coco(records: Sequence[ImageRecord], class_names: Sequence[str]) -> dict[str, Any]:
-    """Convert ground-truth records to a COCO detection dataset dict (JSON-serialisable)."""
+def coco_categories(class_names: Sequence[str], ids: CocoIds | None = None) -> list[dict[str, Any]]:
+    """COCO ``categories`` list: ids 1..K in class order (or the original ids)."""
+    return [{"id": i + 1 if ids is None else ids.category(i + 1), "name": name, "supercategory": "object"}
+            for i, name in enumerate(class_names)]
+
+
+def records_to_coco(records: Sequence[ImageRecord], class_names: Sequence[str],
+                    ids: CocoIds | None = None) -> dict[str, Any]:
+    """Convert ground-truth records to a COCO detection dataset dict (JSON-serialisable);
+    image and category ids are positions and labels unless ``ids`` gives the original ones."""
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    for image_id, rec in enumerate(records):
+    for position, rec in enumerate(records):
+        image_id = position if ids is None else ids.image(position)
         images.append({"id": image_id, "file_name": rec.image_path.name,
                        "width": int(rec.width), "height": int(rec.height)})
         xywh = xyxy_to_xywh(rec.boxes)
-        for box, label, diff in zip(xywh, rec.labels, difficult_flags(rec)):
+        for box, label, diff, crowd in zip(xywh, rec.labels, difficult_flags(rec), rec.crowd):
             label = int(label)
             if not 1 <= label <= len(class_names):
                 raise ValueError(f"{rec.annotation_path}: label {label} outside 1..{len(class_names)}")
             annotations.append({
                 "id": len(annotations) + 1,
                 "image_id": image_id,
-                "category_id": label,
+                "category_id": label if ids is None else ids.category(label),
                 "bbox": [float(v) for v in box],
                 "area": float(box[2] * box[3]),
-                "iscrowd": 0,
+                "iscrowd": int(bool(crowd)),
                 "difficult": int(bool(diff)),
             })
     return {
         "info": {"description": "distdet ground truth (boxes x,y,w,h on continuous pixel coordinates)"},
         "images": images,
         "annotations": annotations,
-        "categories": coco_categories(class_names),
+        "categories": coco_categories(class_names, ids),
     }
 
 
-def predictions_to_coco_results(predictions: Sequence[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
-    """Per-image predictions (position = image id) to a COCO results list.
+def predictions_to_coco_results(predictions: Sequence[dict[str, np.ndarray]],
+                                ids: CocoIds | None = None) -> list[dict[str, Any]]:
+    """Per-image predictions (position = image id, unless ``ids`` maps it) to a COCO results list.
 
     Each prediction dict has ``boxes`` ``[K, 4]`` xyxy, ``scores`` ``[K]`` and ``labels``
-    ``[K]`` (1-based). The order of the list is image order, then the order within the image.
+    ``[K]`` (1-based; written as the original category ids with ``ids``). The order of the
+    list is image order, then the order within the image.
     """
     results: list[dict[str, Any]] = []
-    for image_id, pred in enumerate(predictions):
+    for position, pred in enumerate(predictions):
         xywh = xyxy_to_xywh(pred["boxes"])
+        image_id = position if ids is None else ids.image(position)
         for box, score, label in zip(xywh, np.asarray(pred["scores"]), np.asarray(pred["labels"])):
-            results.append({"image_id": image_id, "category_id": int(label),
+            results.append({"image_id": image_id, "category_id": int(label) if ids is None else ids.category(int(label)),
                             "bbox": [float(v) for v in box], "score": float(score)})
     return results
 

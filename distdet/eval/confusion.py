@@ -6,8 +6,8 @@ takes the not-yet-taken ground-truth box with the highest IoU, if that IoU is st
 greater than ``iou_threshold`` (continuous coordinates, see :mod:`distdet.eval.boxes`).
 A pair (ground-truth class g, predicted class p) counts in cell ``[g, p]``; an unmatched
 detection counts in the ``background`` row (false positive); an unmatched ground-truth box
-counts in the ``missed`` column. A detection matched to a ``difficult`` box is dropped, and
-an unmatched difficult box is not counted as missed.
+counts in the ``missed`` column. A detection matched to a ``difficult`` box (or a COCO crowd
+region) is dropped, and an unmatched one is not counted as missed.
 
 Per-class numbers are read off the matrix, so they agree with what it shows: true positives
 of class c are ``M[c, c]``, precision divides by all kept detections of class c (its
@@ -22,7 +22,7 @@ import numpy as np
 
 from distdet.data.records import ImageRecord
 from distdet.eval.boxes import pairwise_iou
-from distdet.eval.inputs import Prediction, difficult_flags
+from distdet.eval.inputs import Prediction, ignored_flags
 
 BACKGROUND_ROW = "background"
 MISSED_COLUMN = "missed"
@@ -77,7 +77,7 @@ def confusion_matrix(records: Sequence[ImageRecord], predictions: Sequence[Predi
         keep = keep[np.argsort(-pred["scores"][keep], kind="stable")]
         det_labels = pred["labels"][keep]
         gt_labels = np.asarray(rec.labels, dtype=np.int64).reshape(-1)
-        difficult = difficult_flags(rec)
+        difficult = ignored_flags(rec)
         iou = pairwise_iou(pred["boxes"][keep], rec.boxes)
         taken = np.zeros(gt_labels.shape[0], dtype=bool)
         for d in range(keep.shape[0]):

@@ -81,7 +81,8 @@ def evaluate_model(model: nn.Module, dataset: Dataset, accelerator: Accelerator,
                    box_score_thresh: float = EVAL_SCORE_THRESH,
                    box_detections_per_img: int = EVAL_DETECTIONS_PER_IMG,
                    score_threshold: float = 0.5, voc07: bool = False, out_dir: str | Path | None = None,
-                   num_rendered: int = DEFAULT_NUM_RENDERED) -> dict[str, Any]:
+                   num_rendered: int = DEFAULT_NUM_RENDERED,
+                   category_ids: Sequence[int] | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` across all processes; return the metrics on every rank.
 
     Must be called on every rank. ``dataset.records`` (as :class:`DetectionDataset` has) is
@@ -89,7 +90,7 @@ def evaluate_model(model: nn.Module, dataset: Dataset, accelerator: Accelerator,
     ``box_detections_per_img`` are set on the detector's ROI heads for the evaluation and restored
     afterwards; ``score_threshold`` is the cut for precision/recall/F1, the confusion matrix and
     the rendered images. With ``out_dir`` the main process writes the files of
-    :mod:`distdet.eval.outputs`. The returned dict is that of :func:`compute_metrics`. An error
+    :mod:`distdet.eval.outputs` (``category_ids``: see there). The returned dict is that of :func:`compute_metrics`. An error
     on the main process is re-raised on every rank instead of leaving the others waiting.
     """
     records = getattr(dataset, "records", None)
@@ -112,7 +113,8 @@ def evaluate_model(model: nn.Module, dataset: Dataset, accelerator: Accelerator,
         try:
             metrics = compute_metrics(records, predictions, class_names, score_threshold=score_threshold, voc07=voc07)
             if out_dir is not None:
-                write_evaluation_outputs(out_dir, records, predictions, metrics, num_rendered=num_rendered)
+                write_evaluation_outputs(out_dir, records, predictions, metrics, num_rendered=num_rendered,
+                                         category_ids=category_ids)
             outcome = ("ok", metrics)
         except Exception as exc:  # the other ranks learn of it through the broadcast
             failure = exc

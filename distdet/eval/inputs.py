@@ -27,6 +27,12 @@ def difficult_flags(record: ImageRecord) -> np.ndarray:
                      f"{record.num_objects} objects")
 
 
+def ignored_flags(record: ImageRecord) -> np.ndarray:
+    """Objects that VOC matching and the confusion matrix ignore: ``difficult`` ones and COCO
+    crowd regions (a detection on one is neither right nor wrong, and missing it costs nothing)."""
+    return difficult_flags(record) | record.crowd
+
+
 def normalize_predictions(records: Sequence[ImageRecord], predictions: Sequence[Mapping[str, Any]],
                           num_classes: int) -> list[Prediction]:
     """Check ``predictions`` against ``records``; return float64 boxes/scores, int64 labels.

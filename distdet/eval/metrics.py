@@ -27,7 +27,7 @@ import numpy as np
 from distdet.data.records import ImageRecord
 from distdet.eval.coco import coco_evaluate, predictions_to_coco_results, records_to_coco
 from distdet.eval.confusion import confusion_matrix
-from distdet.eval.inputs import difficult_flags, normalize_predictions
+from distdet.eval.inputs import difficult_flags, ignored_flags, normalize_predictions
 from distdet.eval.voc import VOC_IOU_THRESHOLD, class_ap, mean_ap, voc_curves
 
 IOU_NOTE = ("IoU on continuous coordinates: a box x1,y1,x2,y2 has width x2-x1 (no '+1' pixel "
@@ -100,17 +100,19 @@ def _counts(records: Sequence[ImageRecord], preds: Sequence[Mapping[str, np.ndar
     k = len(class_names)
     gt = np.zeros(k + 1, dtype=np.int64)
     diff = np.zeros(k + 1, dtype=np.int64)
+    crowd = np.zeros(k + 1, dtype=np.int64)
     det = np.zeros(k + 1, dtype=np.int64)
     for rec, pred in zip(records, preds):
         labels = np.asarray(rec.labels, dtype=np.int64)
-        flags = difficult_flags(rec)
-        np.add.at(gt, labels[~flags], 1)
-        np.add.at(diff, labels[flags], 1)
+        np.add.at(gt, labels[~ignored_flags(rec)], 1)
+        np.add.at(diff, labels[difficult_flags(rec)], 1)
+        np.add.at(crowd, labels[rec.crowd], 1)
         np.add.at(det, pred["labels"], 1)
     return {
         "images": len(records),
         "ground_truth": {n: int(gt[i + 1]) for i, n in enumerate(class_names)},
         "difficult": {n: int(diff[i + 1]) for i, n in enumerate(class_names)},
+        "crowd": {n: int(crowd[i + 1]) for i, n in enumerate(class_names)},
         "detections": {n: int(det[i + 1]) for i, n in enumerate(class_names)},
     }
 

@@ -6,7 +6,9 @@
   ``bbox`` x,y,w,h, ``score``) whose ids refer to ``ground_truth.json``;
 - ``ground_truth.json``: the evaluated images and objects as a COCO dataset (image id =
   position in the evaluated list; ``file_name`` is the image's name), so that anyone can
-  re-run pycocotools on the two files;
+  re-run pycocotools on the two files. For a dataset read from a COCO file both files carry
+  its ORIGINAL image and category ids instead, so the predictions also score against the
+  user's own annotation file;
 - ``pr_curves.png``: precision-recall curve per class (VOC matching at IoU 0.5);
 - ``confusion_matrix.png``: the table's confusion matrix as counts and row-normalised
   (:mod:`distdet.eval.confusion_plot`);
@@ -22,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from distdet.classes import CLASS_COLOURS
+from distdet.classes import class_colours
 from distdet.data.images import load_rgb
 from distdet.data.records import ImageRecord
-from distdet.eval.coco import predictions_to_coco_results, records_to_coco
+from distdet.eval.coco import CocoIds, predictions_to_coco_results, records_to_coco
 from distdet.eval.confusion_plot import CONFUSION_NAME, write_confusion_matrix
 from distdet.eval.inputs import Prediction, normalize_predictions
 from distdet.eval.metrics import format_metrics_table
@@ -38,19 +40,23 @@ DEFAULT_NUM_RENDERED = 6
 
 def write_evaluation_outputs(out_dir: str | Path, records: Sequence[ImageRecord],
                              predictions: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any],
-                             num_rendered: int = DEFAULT_NUM_RENDERED) -> dict[str, Path]:
+                             num_rendered: int = DEFAULT_NUM_RENDERED,
+                             category_ids: Sequence[int] | None = None) -> dict[str, Path]:
     """Write every file listed in the module docstring into ``out_dir``; return their paths
-    by name (``renders`` is the folder). Each file is written atomically."""
+    by name (``renders`` is the folder). Each file is written atomically. ``category_ids``
+    (the original COCO id of each label, from ``DataIndex.category_ids``) makes the JSON
+    files use the records' original image ids and those category ids."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     class_names = tuple(metrics["class_names"])
     preds = normalize_predictions(records, predictions, len(class_names))
+    ids = CocoIds.of(records, category_ids)
     paths = {
         "metrics": atomic_write_json(out / "metrics.json", dict(metrics)),
         "table": atomic_write(out / "metrics.txt",
                               lambda tmp: tmp.write_text(format_metrics_table(metrics) + "\n")),
-        "predictions": _write_compact_json(out / "predictions.json", predictions_to_coco_results(preds)),
-        "ground_truth": _write_compact_json(out / "ground_truth.json", records_to_coco(records, class_names)),
+        "predictions": _write_compact_json(out / "predictions.json", predictions_to_coco_results(preds, ids)),
+        "ground_truth": _write_compact_json(out / "ground_truth.json", records_to_coco(records, class_names, ids)),
         "pr_curves": write_pr_curves(out / "pr_curves.png", records, preds, class_names),
         "confusion_matrix": write_confusion_matrix(out / CONFUSION_NAME, metrics["confusion_matrix"]),
     }
@@ -72,9 +78,10 @@ def write_pr_curves(path: Path, records: Sequence[ImageRecord], preds: Sequence[
     fig = Figure(figsize=(6, 5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    colours = class_colours(class_names)
     for curve in voc_curves(records, preds, class_names, VOC_IOU_THRESHOLD):
         ap = class_ap(curve)
-        colour = np.array(CLASS_COLOURS.get(curve.name, (0, 120, 255))) / 255
+        colour = np.array(colours[curve.name]) / 255
         label = f"{curve.name} (AP50 {ap:.3f}, {curve.num_positives} objects)" if ap is not None \
             else f"{curve.name} (no ground truth)"
         recall = np.concatenate([[0.0], curve.recall])

@@ -2,8 +2,9 @@
 
 The file is a JSON list of objects ``{"image_id": int, "category_id": int, "bbox": [x, y, w,
 h], "score": number}``; ids are those of the ``ground_truth.json`` that ``distdet evaluate``
-writes for the same split (image id = position in the split, category id = 1-based class).
-Extra keys are ignored. ``[]`` is valid (no detections).
+writes for the same split (image id = position in the split, category id = 1-based class;
+for a dataset read from a COCO file, its original image and category ids). Extra keys are
+ignored. ``[]`` is valid (no detections).
 
 Untrusted files are bounded: a file over ``max_bytes`` (default 64 MiB, several hundred
 thousand detections; ``distdet evaluate --max-predictions-mb``) is refused before it is read, because
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from distdet.eval.boxes import xywh_to_xyxy
+from distdet.eval.coco import CocoIds
 from distdet.eval.inputs import Prediction
 
 
@@ -39,10 +41,11 @@ def _integer(value: object) -> bool:
 
 
 def load_coco_results(path: str | Path, num_images: int, num_classes: int,
-                      max_bytes: int = DEFAULT_MAX_BYTES) -> list[Prediction]:
+                      ids: CocoIds | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> list[Prediction]:
     """Parse ``path``; return one prediction per image id ``0..num_images-1`` (detections in
-    file order). Raises :class:`ResultsFileError` for a file over ``max_bytes``, unreadable or
-    too deeply nested JSON, a non-list, or the first malformed entry (its index and what is wrong)."""
+    file order). With ``ids`` the file uses those original image and category ids. Raises
+    :class:`ResultsFileError` for a file over ``max_bytes``, unreadable or too deeply nested JSON,
+    a non-list, or the first malformed entry (its index and what is wrong with it)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -62,6 +65,9 @@ def load_coco_results(path: str | Path, num_images: int, num_classes: int,
     if not isinstance(data, list):
         raise ResultsFileError(f"{path}: expected a JSON list of COCO results, got {type(data).__name__}")
 
+    position_of = {i: i for i in range(num_images)} if ids is None else {v: i for i, v in enumerate(ids.image_ids)}
+    label_of = {c: c for c in range(1, num_classes + 1)} if ids is None else \
+        {v: i + 1 for i, v in enumerate(ids.category_ids)}
     boxes: list[list[list[float]]] = [[] for _ in range(num_images)]
     scores: list[list[float]] = [[] for _ in range(num_images)]
     labels: list[list[int]] = [[] for _ in range(num_images)]
@@ -75,20 +81,20 @@ def load_coco_results(path: str | Path, num_images: int, num_classes: int,
         if missing:
             raise bad(f"missing {', '.join(repr(k) for k in missing)}")
         image_id, category_id, bbox, score = (entry[k] for k in ("image_id", "category_id", "bbox", "score"))
-        if not _integer(image_id) or not 0 <= image_id < num_images:
-            raise bad(f"image_id {image_id!r} is not an image of this split (ids 0..{num_images - 1}, "
-                      "as in ground_truth.json)")
-        if not _integer(category_id) or not 1 <= category_id <= num_classes:
-            raise bad(f"category_id {category_id!r} is not a class id (1..{num_classes})")
+        if not _integer(image_id) or image_id not in position_of:
+            raise bad(f"image_id {image_id!r} is not an image of this split (the ids of its ground_truth.json)")
+        if not _integer(category_id) or category_id not in label_of:
+            raise bad(f"category_id {category_id!r} is not a class id ({', '.join(map(str, sorted(label_of)))})")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
             raise bad(f"bbox must be a list of 4 finite numbers [x, y, w, h], got {bbox!r}")
         if bbox[2] < 0 or bbox[3] < 0:
             raise bad(f"bbox width and height must be >= 0, got {bbox!r}")
         if not _number(score):
             raise bad(f"score must be a finite number, got {score!r}")
-        boxes[image_id].append([float(v) for v in bbox])
-        scores[image_id].append(float(score))
-        labels[image_id].append(category_id)
+        position = position_of[image_id]
+        boxes[position].append([float(v) for v in bbox])
+        scores[position].append(float(score))
+        labels[position].append(label_of[category_id])
     return [{"boxes": xywh_to_xyxy(np.asarray(b, dtype=np.float64).reshape(-1, 4)),
              "scores": np.asarray(s, dtype=np.float64), "labels": np.asarray(l, dtype=np.int64)}
             for b, s, l in zip(boxes, scores, labels)]

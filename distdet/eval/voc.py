@@ -14,7 +14,8 @@ Matching, for each class separately:
    positive (duplicate). Otherwise it is a false positive.
 
 IoU uses continuous coordinates (no "+1"), see :mod:`distdet.eval.boxes`. Difficult objects
-are not counted as positives. AP is the area under the precision-recall curve made
+are not counted as positives; COCO crowd regions (``iscrowd``) are treated exactly like
+difficult objects. AP is the area under the precision-recall curve made
 monotone (all-point interpolation, VOC 2010 onwards) or, on request, the mean of the
 interpolated precision at recall 0, 0.1, ..., 1 (VOC 2007 11-point). A class without
 non-difficult ground truth has an undefined AP (``None``) and is left out of the mean.
@@ -28,7 +29,7 @@ import numpy as np
 
 from distdet.data.records import ImageRecord
 from distdet.eval.boxes import pairwise_iou
-from distdet.eval.inputs import Prediction, difficult_flags
+from distdet.eval.inputs import Prediction, ignored_flags
 
 VOC_IOU_THRESHOLD = 0.5
 
@@ -81,7 +82,7 @@ def _flatten(records: Sequence[ImageRecord], predictions: Sequence[Prediction]) 
         det_labels.append(plabels)
         det_scores.append(pred["scores"])
         gt_labels.append(labels)
-        gt_difficult.append(difficult_flags(rec))
+        gt_difficult.append(ignored_flags(rec))
         offset += labels.shape[0]
     cat = np.concatenate
     return _Flat(

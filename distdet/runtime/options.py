@@ -14,6 +14,9 @@ from collections.abc import Callable
 #: ``--mixed-precision`` values: none, float16 autocast (CUDA only) and bfloat16 autocast.
 MIXED_PRECISION_CHOICES: tuple[str, ...] = ("no", "fp16", "bf16")
 
+#: ``--tf32`` values (see :mod:`distdet.runtime.tf32`): PyTorch's default, TF32 on, TF32 off.
+TF32_MODES: tuple[str, ...] = ("torch", "on", "off")
+
 #: Seconds a collective waits for the other ranks before failing (``--dist-timeout``): long
 #: enough for rank 0 to build the synthetic default data or write evaluation outputs, short
 #: enough that a dead rank ends a job within a minute instead of torch's 30-minute default.

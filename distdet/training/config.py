@@ -5,7 +5,8 @@ text and choices in the field's metadata, so the flags, their defaults and ``--h
 drift apart. ``--config FILE`` (YAML ``.yaml/.yml`` or TOML ``.toml``) supplies values by the
 same names (dashes or underscores); flags given on the command line override the file. A
 renamed option keeps its old spelling as a hidden alias, on the command line and in files
-(``--split`` for ``--split-scheme``).
+(``--split`` for ``--split-scheme``). The class list may also be given there as ``classes:``
+and as a list of names.
 """
 from __future__ import annotations
 
@@ -20,10 +21,17 @@ from typing import Any
 
 import yaml
 
+from distdet.data.class_list import parse_class_names
 from distdet.data.splits import SPLIT_NAMES
 from distdet.data.presets import PRESETS
 from distdet.modeling.names import MODEL_NAMES
-from distdet.runtime.options import DEFAULT_DIST_TIMEOUT_S, MIXED_PRECISION_CHOICES, add_hidden_alias, old_spelling
+from distdet.runtime.options import (
+    DEFAULT_DIST_TIMEOUT_S,
+    MIXED_PRECISION_CHOICES,
+    TF32_MODES,
+    add_hidden_alias,
+    old_spelling,
+)
 from distdet.training.tracker_choice import REPORT_TO, resolve_trackers
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -47,8 +55,18 @@ class TrainConfig:
 
     # -- data ---------------------------------------------------------------------------------
     data_dir: str | None = _flag(
-        "dataset folder in the Kaggle VOC layout (images/, annotations/); default: the synthetic "
-        "face-mask set, generated once into the cache", group="data", metavar="DIR", default=None)
+        "dataset folder: a COCO instances JSON (annotations.json or instances_*.json) with its images, "
+        "or the VOC layout (images/, annotations/); default: the synthetic face-mask set, generated "
+        "once into the cache", group="data", metavar="DIR", default=None)
+    annotations: str | None = _flag(
+        "the COCO instances JSON of --data-dir, when it is not DIR/annotations.json or DIR/instances_*.json",
+        group="data", metavar="FILE", default=None)
+    class_names: str | None = _flag(
+        "comma-separated class names in label order (labels 1..K; 0 is background); default: the COCO "
+        "categories, else the face-mask table when every VOC name is a face-mask class, else the VOC "
+        "names sorted", group="data", metavar="A,B,C", default=None)
+    lenient: bool = _flag("skip images whose annotation or image file has a problem (each skip is logged and "
+                          "counted) instead of stopping with every problem listed", group="data", default=False)
     split_scheme: str = _flag("how to split train/test when no --split-manifest is given", group="data",
                               choices=SPLIT_NAMES, old_name="split", default="tutorial")
     test_fraction: float = _flag("--split-scheme stratified: fraction of the images held out for testing", group="data",
@@ -119,6 +137,9 @@ class TrainConfig:
     mixed_precision: str | None = _flag(
         "mixed precision (default: the launcher's config, else no); fp16 needs a CUDA GPU, bf16 runs on "
         "CPU and recent GPUs", group="train", choices=MIXED_PRECISION_CHOICES, default=None)
+    tf32: str = _flag(
+        "TF32 on CUDA: torch = PyTorch's default (TF32 convolutions, IEEE fp32 matmuls), on = TF32 for "
+        "both, off = IEEE fp32 for both; no effect on CPU", group="train", choices=TF32_MODES, default="torch")
     max_steps: int = _flag("stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit",
                            group="train", default=0)
     max_bad_steps: int = _flag("stop with an error after this many consecutive steps with a non-finite loss",
@@ -280,6 +301,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     for key, value in data.items():
         name = str(key).replace("-", "_")
         name = renamed.get(name, name)
+        name = "class_names" if name == "classes" else name
+        if name == "class_names" and isinstance(value, list):
+            value = ",".join(parse_class_names(value, f"config file {path}: option {key!r}"))
         if name not in fields or name == "config":
             raise ValueError(f"config file {path}: unknown option {key!r}")
         values[name] = _coerce(fields[name], value, f"config file {path}: option {key!r}")
@@ -364,6 +388,8 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 < cfg.lr <= FLOAT32_MAX:
         raise ValueError(f"--lr must be positive and at most {FLOAT32_MAX:.3g} (the optimizer's float32 step), "
                          f"got {cfg.lr}")
+    if cfg.class_names is not None:
+        parse_class_names(cfg.class_names)  # ClassListError (a ValueError) names --class-names
     if not 0.0 < cfg.test_fraction < 1.0:
         raise ValueError(f"--test-fraction must be in (0, 1), got {cfg.test_fraction}")
     if not 0.0 <= cfg.val_fraction < 1.0:

@@ -12,7 +12,9 @@ again, the later line wins.
 - ``losses.png``: every loss component over optimizer steps (one panel each);
 - ``lr.png``: the learning rate over steps;
 - ``eval_metrics.png``: every evaluation metric over epochs (over steps without epochs),
-  grouped into panels by name (see :func:`metric_panels`).
+  grouped into panels by name (see :func:`metric_panels`); a per-class line is drawn in its
+  class colour (:func:`distdet.classes.class_colours` of the run's class list, read from its
+  ``model_card.json`` or, while the run is going, its ``config.json``).
 
 Plots without data are not written; the paths written are returned.
 """
@@ -32,6 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from distdet.classes import class_colours  # noqa: E402
 from distdet.io_utils import atomic_write  # noqa: E402
 
 METRICS_NAME = "metrics.jsonl"
@@ -194,14 +197,31 @@ def metric_panels(log: TrainingLog) -> dict[str, list[tuple[str, str, str]]]:
     return dict(sorted(panels.items()))
 
 
-def _plot_metrics(log: TrainingLog, path: Path) -> Path:
+def run_class_names(run_dir: Path) -> list[str]:
+    """The class list recorded by a run (its model card, else its config.json); [] when neither says."""
+    for name, keys in (("model_card.json", ("class_names",)), ("config.json", ("resolved", "class_names"))):
+        try:
+            value: Any = json.loads((run_dir / name).read_text(encoding="utf-8"))
+            for key in keys:
+                value = value[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    return []
+
+
+def _plot_metrics(log: TrainingLog, path: Path, class_names: list[str]) -> Path:
+    colours = {name: tuple(c / 255 for c in rgb) for name, rgb in class_colours(class_names).items()}
+    styles = {kind: ("-", "--", ":", "-.")[i % 4] for i, kind in enumerate(sorted(log.metrics))}
     panels = metric_panels(log)
     rows, cols = _grid(len(panels))
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
     for ax, (title, lines) in zip(axes.flat, panels.items()):
         for kind, key, label in lines:
             xs, ys = _sorted_xy(log.metrics[kind][key])
-            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            ax.plot(xs, ys, marker="o", markersize=3, label=label, linestyle=styles[kind],
+                    color=colours.get(key.rpartition("/")[2]))
         ax.set_xlabel(" / ".join(sorted({log.eval_axis[kind] for kind, _, _ in lines})))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
@@ -234,5 +254,5 @@ def write_training_plots(run_dir: str | Path, out_dir: str | Path | None = None)
     if log.lr:
         written.append(_plot_lr(log, out / "lr.png"))
     if log.metrics:
-        written.append(_plot_metrics(log, out / "eval_metrics.png"))
+        written.append(_plot_metrics(log, out / "eval_metrics.png", run_class_names(run_dir)))
     return written

@@ -50,7 +50,7 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 
 import distdet
-from distdet.classes import CLASS_COLOURS, CLASS_NAMES
+from distdet.classes import class_colours
 from distdet.data import collate_detection
 from distdet.eval import evaluate_model, scalar_metrics
 from distdet.io_utils import WriteFailed, atomic_write_json
@@ -106,7 +106,7 @@ def run_training(cfg: TrainConfig) -> int:
     try:
         accelerator = build_accelerator(
             cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, grad_accum_steps=cfg.grad_accum_steps,
-            dist_timeout=cfg.dist_timeout,
+            dist_timeout=cfg.dist_timeout, tf32=cfg.tf32,
         )
     except LaunchError as exc:
         print(f"distdet train: error: {exc}", file=sys.stderr)
@@ -189,7 +189,7 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
 
     global_batch = cfg.batch_size * world * cfg.grad_accum_steps
     lr = effective_lr(cfg, global_batch)
-    model, optimizer, scheduler = _model_and_optimizer(cfg, accelerator, lr, steps_per_epoch)
+    model, optimizer, scheduler = _model_and_optimizer(cfg, accelerator, lr, steps_per_epoch, len(data.class_names))
     state = TrainerState(**layout_fields(cfg, world), schedule=ScheduleClock.fresh(steps_per_epoch).to_json())
     settings, layout_change, resume_changes = run_settings(cfg, data.train_records), None, {}
     if resume_from is not None:
@@ -202,6 +202,7 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
                 "device": str(accelerator.device), "distributed_type": str(accelerator.distributed_type),
                 "mixed_precision": accelerator.mixed_precision, "data_dir": str(data.data_dir),
                 "train_images": len(data.train), "val_images": len(data.val or []), "test_images": len(data.test),
+                "class_names": list(data.class_names), **data.card_info(),
                 "data_fingerprint": settings["data_fingerprint"], "resume_changes": resume_changes}
     if layout_change is not None:
         resolved["layout_change"] = layout_change.to_json()
@@ -223,7 +224,7 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
               hooks, steps_per_epoch, start_time)
     if cfg.pictures and resume_from is None and accelerator.is_main_process:  # sampler at epoch 0, batch 0
         write_start_pictures(run_dir, data.train_records, loader.dataset, list(islice(sampler, PREVIEW_BATCHES)),
-                             CLASS_NAMES, CLASS_COLOURS)
+                             data.class_names, class_colours(data.class_names))
     return run, LoopState(state, last_saved_step=state.global_step if resume_from else -1)
 
 
@@ -249,12 +250,14 @@ def _aspect_ratios(data: TrainingData) -> list[float]:
     return [r.width / r.height for r in data.train_records]
 
 
-def _model_and_optimizer(cfg: TrainConfig, accelerator: Accelerator, lr: float, steps_per_epoch: int):
-    """The detector and optimizer wrapped by ``accelerator.prepare`` (DDP with several processes), and
-    the schedule, stepped by the loop once per optimizer step and checkpointed as JSON by
-    :mod:`distdet.training.checkpoints` (not registered with Accelerate, which would pickle it)."""
+def _model_and_optimizer(cfg: TrainConfig, accelerator: Accelerator, lr: float, steps_per_epoch: int,
+                         num_classes: int):
+    """The detector (``num_classes`` classes plus background) and optimizer wrapped by ``accelerator.prepare``
+    (DDP with several processes), and the schedule, stepped by the loop once per optimizer step and
+    checkpointed as JSON by :mod:`distdet.training.checkpoints` (not registered with Accelerate, which
+    would pickle it)."""
     with accelerator.main_process_first():  # the first process fills the weights cache
-        model = build_model(cfg.model, len(CLASS_NAMES), weights=cfg.weights, backbone_weights=cfg.backbone_weights,
+        model = build_model(cfg.model, num_classes, weights=cfg.weights, backbone_weights=cfg.backbone_weights,
                             min_size=cfg.min_size, max_size=cfg.max_size,
                             trainable_backbone_layers=cfg.trainable_backbone_layers,
                             box_batch_size_per_image=cfg.box_batch_size_per_image,
@@ -529,6 +532,7 @@ def _save_final_model(run: Run, loop: LoopState, outcome: Outcome) -> None:
 def _evaluate(run: Run, dataset, out_dir: Path | None = None) -> dict[str, Any]:
     """Score the current weights on ``dataset`` with every rank (see :func:`distdet.eval.evaluate_model`)."""
     return evaluate_model(run.accelerator.unwrap_model(run.model), dataset, run.accelerator,
+                          class_names=run.data.class_names, category_ids=run.data.category_ids,
                           batch_size=run.cfg.eval_batch_size, num_workers=run.cfg.workers, out_dir=out_dir)
 
 
@@ -555,12 +559,11 @@ def _model_card(run: Run, loop: LoopState, metrics: dict[str, dict[str, float]])
     cfg, state = run.cfg, loop.state
     return ModelCard(
         model=cfg.model,
-        class_names=list(CLASS_NAMES),
+        class_names=list(run.data.class_names),
         build={"min_size": cfg.min_size, "max_size": cfg.max_size,
                "frozen_batchnorm": uses_frozen_batchnorm(run.accelerator.unwrap_model(run.model))},
         info={"trained_with": "distdet train", "run_dir": str(run.run_dir), "global_step": state.global_step,
-              "epoch": state.epoch, "data_dir": str(run.data.data_dir),
-              "split_manifest": str(run.data.manifest_path), "metrics": metrics,
+              "epoch": state.epoch, **run.data.card_info(), "metrics": metrics,
               "versions": _versions()},
     )
 
