@@ -170,6 +170,37 @@ def _ground_truth(image_path: Path, annotations_dir: Path, class_names: Sequence
     return "ground truth", parse_voc_annotation(xml, tuple(class_names))
 
 
+def _load_batch(detector: Detector, paths: Sequence[Path], batch: Sequence[int],
+                ) -> tuple[list[tuple[int, Image.Image]], list[tuple[int, None, dict[str, str]]]]:
+    """The readable, resizable images of ``batch`` (index, image), and a failure entry for each other one."""
+    loaded: list[tuple[int, Image.Image]] = []
+    failed: list[tuple[int, None, dict[str, str]]] = []
+    for index in batch:
+        try:
+            image = load_rgb(paths[index])
+            detector.check_resizable(image, paths[index])
+            loaded.append((index, image))
+        except (ValueError, OSError) as exc:
+            failed.append((index, None, {"file": str(paths[index]), "error": _reason(exc, paths[index])}))
+    return loaded, failed
+
+
+def _render(image: Image.Image, result: dict[str, Any], out_path: Path, annotations_dir: Path | None,
+            class_names: Sequence[str]) -> dict[str, str] | None:
+    """Write the rendering of ``result`` (beside its ground truth with ``annotations_dir``); return a
+    failure entry when the annotation cannot be read (the prediction is still rendered), else None."""
+    failure, truth = None, None
+    if annotations_dir is not None:
+        try:
+            truth = _ground_truth(Path(result["file"]), annotations_dir, class_names)
+        except (ValueError, OSError) as exc:
+            failure = {"file": result["file"], "error": f"annotation: {exc}"}  # names the XML file
+            truth = ("ground truth: unreadable annotation", None)
+    rendered = render_result(image, result, class_names, truth)
+    atomic_write(out_path, lambda tmp: rendered.save(tmp, format="PNG"))
+    return failure
+
+
 def predict_files(
     detector: Detector,
     paths: Sequence[Path],
@@ -197,29 +228,12 @@ def predict_files(
     local: list[tuple[int, dict[str, Any] | None, dict[str, str] | None]] = []
     bar = tqdm(total=sum(map(len, mine)), desc="predict", unit="image", disable=not accelerator.is_main_process or len(paths) < 2)
     for batch in mine:
-        loaded: list[tuple[int, Image.Image]] = []
-        for index in batch:
-            try:
-                image = load_rgb(paths[index])
-                detector.check_resizable(image, paths[index])
-                loaded.append((index, image))
-            except (ValueError, OSError) as exc:
-                local.append((index, None, {"file": str(paths[index]), "error": _reason(exc, paths[index])}))
-                bar.update(1)
-        results = detector.predict_pil([image for _, image in loaded])
-        for (index, image), result in zip(loaded, results):
-            path = paths[index]
-            result = {"file": str(path), **result, "rendered": names[index]}
-            failure = None
-            truth = None
-            if annotations_dir is not None:
-                try:
-                    truth = _ground_truth(path, annotations_dir, class_names)
-                except (ValueError, OSError) as exc:
-                    failure = {"file": str(path), "error": f"annotation: {exc}"}  # names the XML file
-                    truth = ("ground truth: unreadable annotation", None)
-            rendered = render_result(image, result, class_names, truth)
-            atomic_write(out_dir / names[index], lambda tmp, rendered=rendered: rendered.save(tmp, format="PNG"))
+        loaded, failed = _load_batch(detector, paths, batch)
+        local.extend(failed)
+        bar.update(len(failed))
+        for (index, image), result in zip(loaded, detector.predict_pil([image for _, image in loaded])):
+            result = {"file": str(paths[index]), **result, "rendered": names[index]}
+            failure = _render(image, result, out_dir / names[index], annotations_dir, class_names)
             write(summary_line(result, class_names))
             local.append((index, result, failure))
             bar.update(1)
