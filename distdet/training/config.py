@@ -126,6 +126,14 @@ class TrainConfig:
         "linear warmup length in optimizer steps; -1 = the tutorial's min(1000, steps in one epoch - 1); "
         "0 = none", group="optim", default=-1)
     warmup_factor: float = _flag("warmup starts at lr x this factor", group="optim", default=0.001)
+    ema_decay: float | None = _flag(
+        "keep an exponential moving average of the weights, updated after every applied optimizer step with "
+        "decay D x (1 - exp(-updates / --ema-tau)), 0 < D < 1 (e.g. 0.9998; 0.99 for runs of ~1000 updates); "
+        "validation, best/, the test evaluation and model.pt then use the averaged weights (default: off)",
+        group="optim", metavar="D", default=None)
+    ema_tau: float = _flag(
+        "--ema-decay's warm-up time constant in optimizer updates (2000 as in Ultralytics; take about a tenth "
+        "of the run's updates for short runs)", group="optim", metavar="UPDATES", default=2000.0)
 
     # -- training loop ------------------------------------------------------------------------
     epochs: int = _flag("number of epochs", group="train", default=30)
@@ -400,6 +408,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--warmup-steps must be -1 (auto), 0 or positive, got {cfg.warmup_steps}")
     if not 0.0 < cfg.warmup_factor <= 1.0:
         raise ValueError(f"--warmup-factor must be in (0, 1], got {cfg.warmup_factor}")
+    if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay must be in (0, 1), got {cfg.ema_decay}")
+    if cfg.ema_tau <= 0:
+        raise ValueError(f"--ema-tau must be positive, got {cfg.ema_tau}")
     if cfg.dist_timeout <= 0:
         raise ValueError(f"--dist-timeout must be positive, got {cfg.dist_timeout}")
     if cfg.aspect_ratio_group_factor < -1:
