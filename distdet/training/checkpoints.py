@@ -17,9 +17,13 @@ a resumed run that goes wrong leaves the last checkpoint from before it. A save 
 (disk full) removes its temporary folder, keeps every earlier checkpoint and raises
 :class:`CheckpointError` saying how much space is left.
 
-A new kind of state (an EMA copy, say) is one more file written in :func:`_write_own_state`
-(JSON, or safetensors for tensors) and listed under its name in the marker's ``pieces``; the
-checksums cover it without further change.
+A new kind of state is one more file written in :func:`_write_own_state` (JSON, or
+safetensors for tensors) and listed under its name in the marker's ``pieces``; the checksums
+cover it without further change. The weight EMA (``--ema-decay``) is such a piece, ``ema``:
+``ema.safetensors`` (the averaged parameters) and ``ema.json`` (decay, tau, update count, and
+each rank's digest of its average, which must all agree before anything is saved). A checkpoint
+without it resumed with ``--ema-decay`` starts the EMA from the resumed weights (ramp from update
+0); one with it resumed without ``--ema-decay`` continues without an EMA. Both warn.
 """
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from accelerate.utils import gather_object
+from safetensors.torch import save_file
+
 from distdet.io_utils import atomic_write_json, fsync_dir, read_json, write_failure_cause
 from distdet.runtime.accelerator import agree_any
 from distdet.training.checkpoint_files import (
@@ -51,6 +58,7 @@ from distdet.training.checkpoint_files import (
     verify_checkpoint,
     write_marker,
 )
+from distdet.training.ema import ModelEMA, parameters_digest
 from distdet.training.resume_settings import compare_settings
 
 logger = logging.getLogger(__name__)
@@ -59,6 +67,8 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
 SCHEDULER_NAME = "scheduler.json"
 SETTINGS_NAME = "run_settings.json"
+EMA_WEIGHTS_NAME = "ema.safetensors"
+EMA_STATE_NAME = "ema.json"
 #: ``checkpoints/RESUMED_FROM``: the checkpoint the latest resume loaded. Pruning never removes
 #: it, so weights that go wrong after a resume (diverging, or finite garbage) cannot cost the
 #: last checkpoint from before it; the next resume moves the note to its own source.
@@ -223,17 +233,21 @@ def resolve_resume(resume: str, output_dir: Path | None) -> tuple[Path | None, P
 
 @dataclass
 class Trainables:
-    """What a checkpoint saves besides the trainer state: the prepared model, optimizer, scheduler."""
+    """What a checkpoint saves besides the trainer state: the prepared model, optimizer, scheduler,
+    and the weight EMA when there is one."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: ModelEMA | None = None
 
 
 def check_finite(accelerator: Accelerator, parts: Trainables, when: str) -> None:
-    """Raise CheckpointError on every rank if any rank's weights or optimizer state hold NaN/inf."""
+    """Raise CheckpointError on every rank if any rank's weights, EMA weights or optimizer state hold NaN/inf."""
     model = accelerator.unwrap_model(parts.model)
-    bad = first_nonfinite(model.state_dict().items()) or first_nonfinite(optimizer_tensors(parts.optimizer.state_dict()))
+    averaged = parts.ema.module.named_parameters() if parts.ema is not None else ()
+    bad = (first_nonfinite(model.state_dict().items()) or first_nonfinite((f"EMA {k}", v) for k, v in averaged)
+           or first_nonfinite(optimizer_tensors(parts.optimizer.state_dict())))
     if agree_any(accelerator, [bad is not None])[0]:
         raise CheckpointError(f"{when}: non-finite weights or optimizer state ({bad or 'on another rank'})")
 
@@ -251,12 +265,14 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     name = checkpoint_name(state.global_step)
     final, tmp = folder / name, folder / f".tmp_{name}"
     check_finite(accelerator, parts, f"not saving checkpoint {final} (the previous ones are kept)")
+    ema_digests = _ema_rank_digests(accelerator, parts.ema, final)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     _collective_write(accelerator, tmp, final, lambda: accelerator.save_state(str(tmp)))
-    own_state = (lambda: _write_own_state(tmp, state, parts, settings)) if accelerator.is_main_process else (lambda: None)
+    own_state = ((lambda: _write_own_state(tmp, state, parts, settings, ema_digests)) if accelerator.is_main_process
+                 else (lambda: None))
     _collective_write(accelerator, tmp, final, own_state)
     if accelerator.is_main_process:
         if final.exists():
@@ -272,18 +288,41 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     return final
 
 
-def _write_own_state(tmp: Path, state: TrainerState, parts: Trainables, settings: dict[str, Any]) -> None:
+def _write_own_state(tmp: Path, state: TrainerState, parts: Trainables, settings: dict[str, Any],
+                     ema_digests: list[str]) -> None:
     atomic_write_json(tmp / SCHEDULER_NAME, parts.scheduler.state_dict())
     atomic_write_json(tmp / SETTINGS_NAME, settings)
     atomic_write_json(tmp / STATE_NAME, state.to_json())
+    if parts.ema is not None:
+        save_file(parts.ema.state_tensors(), str(tmp / EMA_WEIGHTS_NAME))
+        atomic_write_json(tmp / EMA_STATE_NAME, {**parts.ema.state_info(), "rank_digests": ema_digests})
     names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    pieces = {"model": [n for n in names if n.endswith(".safetensors")],
+    pieces = {"model": [n for n in names if n.startswith("model") and n.endswith(".safetensors")],
               "optimizer": [n for n in names if n.startswith("optimizer")],
               "rng": [n for n in names if n.startswith("random_states_")],
               "scaler": [n for n in names if n.startswith("scaler")],
               "scheduler": [SCHEDULER_NAME], "settings": [SETTINGS_NAME], "trainer_state": [STATE_NAME]}
+    if parts.ema is not None:
+        pieces["ema"] = [EMA_STATE_NAME, EMA_WEIGHTS_NAME]
     write_marker(tmp, pieces, time=time.time(), finite=True)
     fsync_dir(tmp)
+
+
+def _ema_rank_digests(accelerator: Accelerator, ema: ModelEMA | None, final: Path) -> list[str]:
+    """Every rank's digest of its EMA weights (one gather); CheckpointError on every rank if they differ.
+
+    The ranks' averages are equal by construction (see :mod:`distdet.training.ema`) and the
+    checkpoint keeps the main process's only, so a difference would go unnoticed otherwise.
+    """
+    if ema is None:
+        return []
+    digests = [parameters_digest(ema.state_tensors().items())]
+    if accelerator.num_processes > 1:
+        digests = gather_object(digests)
+    if len(set(digests)) > 1:
+        raise CheckpointError(f"not saving checkpoint {final}: the ranks' EMA weights differ (SHA-256 "
+                              + ", ".join(f"rank{r} {d[:12]}" for r, d in enumerate(digests)) + ")")
+    return digests
 
 
 def _collective_write(accelerator: Accelerator, tmp: Path, final: Path, write) -> None:
@@ -360,6 +399,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, parts: Trainables, set
     error = None
     try:
         _load_model(accelerator, path, parts.model)
+        _load_ema(path, marker, parts.ema, accelerator.unwrap_model(parts.model))
         _load_optimizer(path, parts.optimizer)
         scheduler_state = load_json_piece(path / SCHEDULER_NAME, "scheduler state")
         try:
@@ -386,6 +426,34 @@ def _load_model(accelerator: Accelerator, path: Path, model: torch.nn.Module) ->
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path}: model.safetensors does not fit the model being trained "
                               f"({str(exc).splitlines()[0]})") from exc
+
+
+def _load_ema(path: Path, marker: dict[str, Any], ema: ModelEMA | None, model: torch.nn.Module) -> None:
+    """Restore the EMA from the checkpoint's ``ema`` piece; with or without one on only one side, warn and
+    go on: start the EMA from the resumed ``model`` (ramp included), or continue without an EMA."""
+    saved = bool(piece_files(marker, "ema"))
+    if ema is None:
+        if saved:
+            info = load_json_piece(path / EMA_STATE_NAME, "EMA state")
+            logger.warning("checkpoint %s holds EMA weights (decay %s, update count %s) but --ema-decay is not set: "
+                           "training goes on without an EMA, and best/ and model.pt will hold the raw weights; "
+                           "resume with --ema-decay %s to keep averaging", path, info.get("decay"),
+                           info.get("updates"), info.get("decay"))
+        return
+    if not saved:
+        logger.warning("checkpoint %s holds no EMA weights (saved without --ema-decay): the EMA starts from the "
+                       "resumed weights, its ramp from update 0", path)
+        ema.restart_from(model)
+        return
+    info, tensors = load_json_piece(path / EMA_STATE_NAME, "EMA state"), load_safetensors(path / EMA_WEIGHTS_NAME)
+    try:
+        ema.load(tensors, info)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {EMA_WEIGHTS_NAME}/{EMA_STATE_NAME}: {exc}") from exc
+    if (info.get("decay"), info.get("tau")) != (ema.decay, ema.tau):
+        logger.warning("checkpoint %s: the EMA (%d updates, saved with decay %s, tau %s) continues with "
+                       "--ema-decay %g --ema-tau %g", path, ema.updates, info.get("decay"), info.get("tau"),
+                       ema.decay, ema.tau)
 
 
 def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
