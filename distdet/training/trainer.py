@@ -19,8 +19,9 @@ changes, in :class:`LoopState`. In order:
    count, batch size, ...) it trains what the epoch has left (``training/elastic.py``).
 5. **Epochs** - per batch: forward, a one-all-reduce agreement on "non-finite loss anywhere?" and
    "stop signal anywhere?", backward under ``accelerator.accumulate``; per optimizer step: clip,
-   step, schedule, logging, periodic checkpoint, stop handling. Per epoch: checkpoint,
-   evaluation, best model.
+   step, schedule, the weight EMA's update (``--ema-decay``, :mod:`distdet.training.ema`), logging,
+   periodic checkpoint, stop handling. Per epoch: checkpoint, evaluation, best model (of the EMA
+   weights when there is an EMA: they are validated, kept as ``best/`` and saved as ``model.pt``).
 6. **Finish** - a checkpoint of the last step; then after a stop signal the interruption note
    (and a Slurm requeue), otherwise the final test evaluation, the final weights + model card
    (saved once, with the test metrics), ``report.json`` and the plots.
@@ -69,6 +70,7 @@ from distdet.training.checkpoints import (
     save_checkpoint,
 )
 from distdet.training.config import TrainConfig
+from distdet.training.ema import ModelEMA, build_ema, weights_info
 from distdet.training.resume_settings import apply_hyperparameters, group_hyperparameters, run_settings
 from distdet.training.run_lock import RunFolderLocked, lock_run_folder
 from distdet.training.data_setup import SPLIT_NAME, TrainingData, prepare_data
@@ -155,6 +157,7 @@ class Run:
     hooks: DebugHooks
     steps_per_epoch: int
     start_time: float
+    ema: ModelEMA | None = None  # --ema-decay: the averaged weights, updated after each applied step
 
 
 @dataclass
@@ -190,12 +193,13 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
     global_batch = cfg.batch_size * world * cfg.grad_accum_steps
     lr = effective_lr(cfg, global_batch)
     model, optimizer, scheduler = _model_and_optimizer(cfg, accelerator, lr, steps_per_epoch, len(data.class_names))
+    ema = build_ema(cfg, accelerator.unwrap_model(model), cfg.epochs * steps_per_epoch)
     state = TrainerState(**layout_fields(cfg, world), schedule=ScheduleClock.fresh(steps_per_epoch).to_json())
     settings, layout_change, resume_changes = run_settings(cfg, data.train_records), None, {}
     if resume_from is not None:
         state, layout_change, resume_changes = _resume(
             accelerator, resume_from, state, ResumeContext(cfg, sampler, scheduler, lr, _aspect_ratios(data)),
-            Trainables(model, optimizer, scheduler), settings)
+            Trainables(model, optimizer, scheduler, ema), settings)
 
     resolved = {"effective_lr": lr, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
                 "warmup_steps": resolve_warmup_steps(cfg, steps_per_epoch), "world_size": world,
@@ -221,7 +225,7 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
     hooks = DebugHooks(cfg.debug_nan_at_step, cfg.debug_nan_rank, cfg.debug_record_samples, run_dir,
                        accelerator.process_index)
     run = Run(cfg, accelerator, run_dir, data, sampler, loader, model, optimizer, scheduler, log, progress, stop,
-              hooks, steps_per_epoch, start_time)
+              hooks, steps_per_epoch, start_time, ema=ema)
     if cfg.pictures and resume_from is None and accelerator.is_main_process:  # sampler at epoch 0, batch 0
         write_start_pictures(run_dir, data.train_records, loader.dataset, list(islice(sampler, PREVIEW_BATCHES)),
                              data.class_names, class_colours(data.class_names))
@@ -382,6 +386,8 @@ def _optimizer_step(run: Run, loop: LoopState, group_bad: bool, bad_components: 
     if not accelerator.optimizer_step_was_skipped:
         run.scheduler.step()
         loop.state.updates += 1
+        if run.ema is not None:
+            run.ema.update()
     run.optimizer.zero_grad(set_to_none=True)
     loop.bad_streak = 0
 
@@ -456,7 +462,7 @@ def _checkpoint(run: Run, loop: LoopState) -> None:
     if state.global_step == loop.last_saved_step:
         return
     path = save_checkpoint(run.accelerator, run.run_dir, state, run.cfg.keep_checkpoints,
-                           Trainables(run.model, run.optimizer, run.scheduler),
+                           Trainables(run.model, run.optimizer, run.scheduler, run.ema),
                            run_settings(run.cfg, run.data.train_records))
     loop.last_saved_step = state.global_step
     run.log.event("checkpoint", path=str(path), global_step=state.global_step, epoch=state.epoch,
@@ -512,9 +518,10 @@ def _save_final_model(run: Run, loop: LoopState, outcome: Outcome) -> None:
     """The final test evaluation (``--final-eval``), then the final weights and card (saved once,
     with the test metrics), ``report.json`` and the plots."""
     accelerator, state = run.accelerator, loop.state
+    weights = _weights_for_use(run)
     test_metrics: dict[str, Any] = {}
     if run.cfg.final_eval:
-        test_metrics = scalar_metrics(_evaluate(run, run.data.test, out_dir=run.run_dir / "test_eval"))
+        test_metrics = scalar_metrics(_evaluate(run, weights, run.data.test, out_dir=run.run_dir / "test_eval"))
         run.log.metrics("test", state.global_step, test_metrics, epoch=state.epoch)
     report = {"status": outcome.value, "global_step": state.global_step, "epoch": state.epoch,
               "updates": state.updates, "best_metric": state.best_metric, "best_step": state.best_step,
@@ -522,16 +529,23 @@ def _save_final_model(run: Run, loop: LoopState, outcome: Outcome) -> None:
               "world_size": accelerator.num_processes}
     if accelerator.is_main_process:
         card = _model_card(run, loop, {"test": test_metrics} if test_metrics else {})
-        save_detector(accelerator.unwrap_model(run.model), card, run.run_dir)
+        save_detector(weights, card, run.run_dir)
         atomic_write_json(run.run_dir / "report.json", report)
         write_results_csv(run.run_dir)  # with the final test evaluation
         _write_plots(run.run_dir)
     run.log.event("finished", **{k: v for k, v in report.items() if k != "test_metrics"})
 
 
-def _evaluate(run: Run, dataset, out_dir: Path | None = None) -> dict[str, Any]:
-    """Score the current weights on ``dataset`` with every rank (see :func:`distdet.eval.evaluate_model`)."""
-    return evaluate_model(run.accelerator.unwrap_model(run.model), dataset, run.accelerator,
+def _weights_for_use(run: Run) -> torch.nn.Module:
+    """The weights validation, ``best/``, the test evaluation and ``model.pt`` use: the EMA's with
+    ``--ema-decay`` (every rank must call this then), else the trained model's."""
+    model = run.accelerator.unwrap_model(run.model)
+    return run.ema.weights_for_use(model, run.accelerator) if run.ema is not None else model
+
+
+def _evaluate(run: Run, weights: torch.nn.Module, dataset, out_dir: Path | None = None) -> dict[str, Any]:
+    """Score ``weights`` on ``dataset`` with every rank (see :func:`distdet.eval.evaluate_model`)."""
+    return evaluate_model(weights, dataset, run.accelerator,
                           class_names=run.data.class_names, category_ids=run.data.category_ids,
                           batch_size=run.cfg.eval_batch_size, num_workers=run.cfg.workers, out_dir=out_dir)
 
@@ -539,7 +553,8 @@ def _evaluate(run: Run, dataset, out_dir: Path | None = None) -> dict[str, Any]:
 def _evaluate_and_keep_best(run: Run, loop: LoopState) -> None:
     cfg, state = run.cfg, loop.state
     split, dataset = run.data.eval_split
-    metrics = scalar_metrics(_evaluate(run, dataset))
+    weights = _weights_for_use(run)
+    metrics = scalar_metrics(_evaluate(run, weights, dataset))
     run.log.metrics(split, state.global_step, metrics, epoch=state.epoch)
     value = metrics.get(cfg.best_metric)
     if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -550,7 +565,7 @@ def _evaluate_and_keep_best(run: Run, loop: LoopState) -> None:
         state.best_metric, state.best_step = float(value), state.global_step
         if run.accelerator.is_main_process:
             best_dir = run.run_dir / "best"
-            save_detector(run.accelerator.unwrap_model(run.model), _model_card(run, loop, {split: metrics}), best_dir)
+            save_detector(weights, _model_card(run, loop, {split: metrics}), best_dir)
         run.log.event("best", metric=cfg.best_metric, value=float(value), global_step=state.global_step)
 
 
@@ -563,7 +578,7 @@ def _model_card(run: Run, loop: LoopState, metrics: dict[str, dict[str, float]])
         build={"min_size": cfg.min_size, "max_size": cfg.max_size,
                "frozen_batchnorm": uses_frozen_batchnorm(run.accelerator.unwrap_model(run.model))},
         info={"trained_with": "distdet train", "run_dir": str(run.run_dir), "global_step": state.global_step,
-              "epoch": state.epoch, **run.data.card_info(), "metrics": metrics,
+              "epoch": state.epoch, **run.data.card_info(), **weights_info(run.ema), "metrics": metrics,
               "versions": _versions()},
     )
 
