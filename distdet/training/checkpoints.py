@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-
 from accelerate.utils import gather_object
 from safetensors.torch import save_file
 
@@ -451,7 +450,7 @@ def _load_ema(path: Path, marker: dict[str, Any], ema: ModelEMA | None, model: t
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path}: {EMA_WEIGHTS_NAME}/{EMA_STATE_NAME}: {exc}") from exc
     if (info.get("decay"), info.get("tau")) != (ema.decay, ema.tau):
-        logger.warning("checkpoint %s: the EMA (%d updates, saved with decay %s, tau %s) continues with "
+        logger.warning("checkpoint %s: the EMA (update count %d, saved with decay %s, tau %s) continues with "
                        "--ema-decay %g --ema-tau %g", path, ema.updates, info.get("decay"), info.get("tau"),
                        ema.decay, ema.tau)
 

@@ -55,6 +55,7 @@ from distdet.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
+
 class ModelEMA:
     """The averaged copy of ``model`` (fp32, eval mode, no gradients) and its update count.
 
