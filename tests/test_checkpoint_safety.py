@@ -6,6 +6,7 @@ loader itself, not the checksum, has to refuse.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 
 from distdet.io_utils import WriteFailed, append_line
 from distdet.training.checkpoint_files import CheckpointError, read_marker, write_marker
@@ -21,6 +23,7 @@ from distdet.training.resume_settings import apply_hyperparameters, group_hyperp
 from distdet.training.checkpoints import (
     Trainables, TrainerState, load_checkpoint, resolve_resume, save_checkpoint,
 )
+from distdet.training.ema import ModelEMA, parameters_digest
 
 SETTINGS = {"model": "tiny", "optimizer": "sgd", "min_size": 64, "max_size": 96, "data_fingerprint": "abc"}
 
@@ -40,27 +43,33 @@ def accelerator() -> Accelerator:
     return Accelerator(cpu=True)
 
 
-def _parts(lr: float = 0.1) -> Trainables:
+def _parts(lr: float = 0.1, ema: bool = False) -> Trainables:
+    """A small model after one optimizer step; with ``ema``, an EMA (decay 0.9, tau 1) updated after it."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    averaged = ModelEMA(model, 0.9, 1.0) if ema else None
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
     model(torch.ones(2, 4)).sum().backward()
     optimizer.step()
     scheduler.step()
-    return Trainables(model, optimizer, scheduler)
+    if averaged is not None:
+        averaged.update()
+    return Trainables(model, optimizer, scheduler, averaged)
 
 
-def _checkpoint(accelerator: Accelerator, run_dir: Path, step: int = 1) -> Path:
-    parts = _parts()
-    prepared = Trainables(*accelerator.prepare(parts.model, parts.optimizer), parts.scheduler)
+def _prepared(accelerator: Accelerator, parts: Trainables) -> Trainables:
+    return Trainables(*accelerator.prepare(parts.model, parts.optimizer), parts.scheduler, parts.ema)
+
+
+def _checkpoint(accelerator: Accelerator, run_dir: Path, step: int = 1, ema: bool = False) -> Path:
+    prepared = _prepared(accelerator, _parts(ema=ema))
     return save_checkpoint(accelerator, run_dir, TrainerState(global_step=step), 3, prepared, SETTINGS)
 
 
-def _load(accelerator: Accelerator, folder: Path, deterministic: bool = True, lr: float = 0.1):
+def _load(accelerator: Accelerator, folder: Path, deterministic: bool = True, lr: float = 0.1, ema: bool = False):
     """Resume as the trainer does: load, then put the current flags' optimizer settings back."""
-    parts = _parts(lr)
-    prepared = Trainables(*accelerator.prepare(parts.model, parts.optimizer), parts.scheduler)
+    prepared = _prepared(accelerator, _parts(lr, ema))
     wanted = group_hyperparameters(prepared.optimizer)
     state = load_checkpoint(accelerator, folder, prepared, SETTINGS, deterministic)
     return (state, apply_hyperparameters(prepared.optimizer, prepared.scheduler, wanted)), prepared
@@ -173,3 +182,72 @@ def test_pruning_keeps_the_checkpoint_a_run_resumed_from(accelerator, tmp_path):
     parts = _parts()
     save_checkpoint(accelerator, tmp_path, TrainerState(global_step=4), 1, parts, SETTINGS)  # ... now keep=1
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step_000001", "step_000004"]
+
+
+def test_ema_is_a_checksummed_piece_that_round_trips(accelerator, tmp_path):
+    saved = _prepared(accelerator, _parts(ema=True))
+    saved.ema.update()
+    saved.ema.update()  # 3 updates in all
+    folder = save_checkpoint(accelerator, tmp_path, TrainerState(global_step=1), 3, saved, SETTINGS)
+    marker = read_marker(folder)
+    assert marker["pieces"]["ema"] == ["ema.json", "ema.safetensors"]
+    assert "model.safetensors" in marker["pieces"]["model"] and "ema.safetensors" not in marker["pieces"]["model"]
+    assert {"ema.json", "ema.safetensors"} <= set(marker["files"])
+    info = json.loads((folder / "ema.json").read_text())
+    digest = parameters_digest(saved.ema.state_tensors().items())
+    assert (info["decay"], info["tau"], info["updates"], info["rank_digests"]) == (0.9, 1.0, 3, [digest])
+    assert parameters_digest(load_file(folder / "ema.safetensors").items()) == digest
+
+    loaded = _prepared(accelerator, _parts(ema=True))  # its EMA has 1 update: other values
+    assert parameters_digest(loaded.ema.state_tensors().items()) != digest
+    load_checkpoint(accelerator, folder, loaded, SETTINGS, True)
+    assert loaded.ema.updates == 3 and parameters_digest(loaded.ema.state_tensors().items()) == digest
+
+
+def test_nonfinite_ema_weights_are_never_saved(accelerator, tmp_path):
+    parts = _prepared(accelerator, _parts(ema=True))
+    with torch.no_grad():
+        parts.ema.module[1].bias[0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"not saving checkpoint .*step_000001.*\(EMA 1.bias\)"):
+        save_checkpoint(accelerator, tmp_path, TrainerState(global_step=1), 3, parts, SETTINGS)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_ema_weights_that_do_not_fit_are_refused_naming_the_file(accelerator, tmp_path):
+    folder = _checkpoint(accelerator, tmp_path, ema=True)
+    tensors = load_file(folder / "ema.safetensors")
+    save_file({**tensors, "0.weight": torch.zeros(5, 5)}, folder / "ema.safetensors")
+    _reseal(folder)
+    with pytest.raises(CheckpointError, match=r"ema.safetensors.*0.weight has shape \(5, 5\)"):
+        _load(accelerator, folder, ema=True)
+
+
+def test_checkpoint_without_ema_resumed_with_ema_starts_it_from_the_resumed_weights(accelerator, tmp_path, caplog):
+    folder = _checkpoint(accelerator, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="distdet"):
+        _, parts = _load(accelerator, folder, ema=True)
+    assert f"checkpoint {folder} holds no EMA weights" in caplog.text and "ramp from update 0" in caplog.text
+    assert parts.ema.updates == 0
+    for averaged, live in zip(parts.ema.module.parameters(), parts.model.parameters()):
+        assert torch.equal(averaged, live)
+
+
+def test_checkpoint_with_ema_resumed_without_it_warns_that_the_raw_weights_are_kept(accelerator, tmp_path, caplog):
+    folder = _checkpoint(accelerator, tmp_path, ema=True)
+    with caplog.at_level(logging.WARNING, logger="distdet"):
+        (state, _), parts = _load(accelerator, folder)
+    assert parts.ema is None and state.global_step == 1
+    assert (f"checkpoint {folder} holds EMA weights (decay 0.9, update count 1) but --ema-decay is not set"
+            in caplog.text)
+    assert "model.pt will hold the raw weights" in caplog.text
+
+
+def test_another_ema_decay_on_resume_continues_the_saved_average_with_a_warning(accelerator, tmp_path, caplog):
+    folder = _checkpoint(accelerator, tmp_path, ema=True)
+    parts = _prepared(accelerator, _parts(ema=True))
+    parts.ema.decay = 0.5
+    with caplog.at_level(logging.WARNING, logger="distdet"):
+        load_checkpoint(accelerator, folder, parts, SETTINGS, True)
+    assert ("the EMA (update count 1, saved with decay 0.9, tau 1.0) continues with --ema-decay 0.5 --ema-tau 1"
+            in caplog.text)
+    assert parts.ema.updates == 1 and parts.ema.decay == 0.5
