@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from distdet.modeling.model_card import load_detector_model
 from distdet.training.checkpoints import latest_checkpoint
@@ -100,9 +101,10 @@ def test_train_writes_run_folder_and_resumes(data_dir, tmp_path):
 
 
 def test_deterministic_resume_is_bit_identical(data_dir, tmp_path):
-    """7 steps straight == 3 steps (mid-epoch), stop, resume to 7 (across an epoch end); with workers."""
+    """7 steps straight == 3 steps (mid-epoch), stop, resume to 7 (across an epoch end); with workers
+    and a weight EMA: the raw weights of the last checkpoint, its EMA and model.pt (the EMA's) agree."""
     common = [*FAST, "--data-dir", str(data_dir), "--epochs", "3", "--deterministic", "--workers", "1",
-              "--grad-accum-steps", "1"]
+              "--grad-accum-steps", "1", "--ema-decay", "0.8", "--ema-tau", "2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     first = subprocess.Popen(train_command([*common, "--output-dir", str(straight), "--max-steps", "7"]),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
@@ -116,6 +118,12 @@ def test_deterministic_resume_is_bit_identical(data_dir, tmp_path):
     a = [r["loss"] for r in read_jsonl(straight / "metrics.jsonl") if r["kind"] == "train"]
     b = [r["loss"] for r in read_jsonl(split / "metrics.jsonl") if r["kind"] == "train"]
     assert a == b and len(a) == 7
+    for piece in ("model.safetensors", "ema.safetensors"):
+        assert_same_weights(*(load_file(latest_checkpoint(run_dir) / piece) for run_dir in (straight, split)))
+    ema = load_file(latest_checkpoint(split) / "ema.safetensors")
+    assert all(torch.equal(load_weights(split)[name], value) for name, value in ema.items())
+    info = json.loads((split / "model_card.json").read_text())["info"]
+    assert (info["weights_kind"], info["ema_updates"], info["ema_decay"]) == ("ema", 7, 0.8)
 
 
 def test_gradient_accumulation_and_grouping_run(data_dir, tmp_path):
