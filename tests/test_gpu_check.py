@@ -136,6 +136,17 @@ def recipe_args(tmp_path: Path, warmup: int) -> list[str]:
             "--test-fraction", "0.2", "--workers", "0"]
 
 
+def test_gpu_check_passes_a_size_list_to_both_loops(tmp_path):
+    import gpu_check
+    from distdet.training.config import parse_config
+
+    args = gpu_check.parse_args(["--dry-run", "--min-size", "64,80", "--max-size", "120"])
+    assert args.min_size == [64, 80]
+    flags = gpu_check.GpuCheck(args, tmp_path).train_flags(DRY_MODEL, "fp32", 2)
+    assert flags[flags.index("--min-size") + 1] == "64,80"
+    assert parse_config(flags).min_size == [64, 80]
+
+
 def test_recipe_mode_refuses_warmup_that_splits_a_log_window(tmp_path):
     done = run_script(TRAIN_THROUGHPUT, recipe_args(tmp_path, warmup=3))
     assert done.returncode == 2
