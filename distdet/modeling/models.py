@@ -106,21 +106,7 @@ def build_model(
         model = _build_lite0(
             num_classes, weights, backbone_weights, trainable_backbone_layers, frozen_batchnorm, head_kwargs
         )
-    else:
-        model = _build_torchvision(name, num_classes, weights, backbone_weights, trainable_backbone_layers,
-                                   frozen_batchnorm, head_kwargs)
-    return use_sizes(model, min_size, eval_min_size)
-
-
-def _build_torchvision(
-    name: str,
-    num_classes: int,
-    weights: str,
-    backbone_weights: str,
-    trainable_backbone_layers: int | None,
-    frozen_batchnorm: bool,
-    head_kwargs: dict,
-) -> nn.Module:
+        return use_sizes(model, min_size, eval_min_size)
     if name not in TORCHVISION_MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
     spec = TORCHVISION_MODELS[name]
@@ -139,7 +125,7 @@ def _build_torchvision(
         _load_partial(model.backbone.body, imagenet, "backbone")
     if isinstance(coco, Path):
         _load_partial(model, coco, "detector")
-    return model
+    return use_sizes(model, min_size, eval_min_size)
 
 
 def _choose(value: str, enum_name: str, enum: WeightsEnum, flag: str) -> WeightsEnum | Path | None:
