@@ -81,6 +81,7 @@ def test_size_list_draws_per_batch_and_evaluation_and_card_use_the_eval_size(dat
     assert type(model.transform) is GeneralizedRCNNTransform and model.transform.min_size == (88,)
 
 
+@pytest.mark.slow  # three training runs: 60-70 s on the shared 2-core machine
 def test_resume_mid_epoch_with_a_size_list_is_bit_identical(data_dir, tmp_path):
     """7 steps straight == 3 steps, stop, resume to 7 (across the epoch end): same sizes, losses, weights."""
     common = [*FAST, *MULTISCALE, "--data-dir", str(data_dir), "--epochs", "3", "--deterministic"]
