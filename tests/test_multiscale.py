@@ -19,7 +19,8 @@ from distdet.training.checkpoints import latest_checkpoint
 from distdet.training.config import parse_config
 from distdet.training.multiscale import BatchScales
 from support.trainer import (
-    FAST, REPO, assert_same_weights, check_ok, child_env, load_weights, make_tiny_dataset, read_jsonl, run,
+    CPU_2PROC, FAST, REPO, assert_same_weights, check_ok, child_env, free_port, load_weights, make_tiny_dataset,
+    read_jsonl, run,
 )
 
 pytestmark = pytest.mark.timeout(600)
@@ -104,6 +105,23 @@ def test_resume_mid_epoch_with_a_size_list_is_bit_identical(data_dir, tmp_path):
     losses = [[r["loss"] for r in read_jsonl(folder / "metrics.jsonl") if r["kind"] == "train"]
               for folder in (straight, split)]
     assert losses[0] == losses[1]
+
+
+@pytest.mark.slow  # two gloo processes: 22 s on a quiet moment of the shared 2-core machine, ~40 s under load
+def test_two_processes_train_each_step_at_one_size(data_dir, tmp_path):
+    """Both ranks of a real 2-process gloo group train step s at the schedule's size of batch s."""
+    out, record = tmp_path / "run", tmp_path / "sizes.jsonl"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
+               "--num_processes", "2", "--main_process_port", str(free_port()), str(PROBE), str(record),
+               *FAST, *MULTISCALE, "--data-dir", str(data_dir), "--output-dir", str(out), "--epochs", "2"]
+    check_ok(run(command))
+    assert json.loads((out / "config.json").read_text())["resolved"]["world_size"] == 2
+    schedule = BatchScales(SIZES, seed=42)
+    steps_per_epoch = 3  # 9 images over 2 ranks: 5 each, batch 2
+    expected = [resized(schedule.size_of(epoch, batch))[0] for epoch in range(2) for batch in range(steps_per_epoch)]
+    assert len(set(expected)) > 1
+    for rank in (0, 1):
+        assert training_short_sides(tmp_path / f"sizes.rank{rank}.jsonl") == expected, f"rank {rank}"
 
 
 def test_bare_benchmark_loop_trains_each_batch_at_the_trainers_size(data_dir):

@@ -3,7 +3,8 @@
     python tests/support/size_probe.py RECORD.jsonl [train.py flags]
 
 A global forward hook on every ``GeneralizedRCNNTransform`` (torchvision's, or a subclass)
-appends one line per forward call to ``RECORD.jsonl``: ``training`` (the module's mode),
+appends one line per forward call to ``RECORD.jsonl`` (``RECORD.rank<R>.jsonl`` under a
+launcher that sets ``RANK``): ``training`` (the module's mode),
 ``image_sizes`` (each image's resized ``[height, width]``) and ``batch_shape`` (the padded
 tensor the backbone receives). The training itself is ``distdet.commands.train.main``,
 unchanged, so the sizes are those of the real code path.
@@ -11,6 +12,7 @@ unchanged, so the sizes are those of the real code path.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +23,10 @@ from distdet.commands.train import main as train_main
 
 
 def main(argv: list[str]) -> int:
-    record = open(Path(argv[0]), "a")
+    path = Path(argv[0])
+    if "RANK" in os.environ:
+        path = path.with_suffix(f".rank{os.environ['RANK']}{path.suffix}")
+    record = open(path, "a")
 
     def note(module: torch.nn.Module, inputs, output) -> None:
         if isinstance(module, GeneralizedRCNNTransform):
