@@ -198,12 +198,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(args: argparse.Namespace, cfg, results: dict[str, list[dict]]) -> None:
+    from distdet.training.config import comma_text
+
     def med(row: str, key: str) -> float:
         return statistics.median(r[key] for r in results[row])
 
     base = "bare" if "bare" in results else next(iter(results))
+    sizes = comma_text(cfg.min_size)  # one size, or a multi-scale list
     print(f"\nrecipe {args.recipe} {' '.join(args.train_flags)}: batch {cfg.batch_size}, min/max size "
-          f"{cfg.min_size}/{cfg.max_size}, {args.threads} threads, {args.warmup} warmup + {args.steps} measured "
+          f"{sizes}/{cfg.max_size}, {args.threads} threads, {args.warmup} warmup + {args.steps} measured "
           f"steps, median of {args.rounds} interleaved rounds")
     print(f"| row | s/step | vs {base} | user CPU s/step | system CPU s/step | minor faults/step | load average |")
     print("|---|---:|---:|---:|---:|---:|---|")
