@@ -130,9 +130,10 @@ def test_gradient_accumulation_and_grouping_run(data_dir, tmp_path):
     out = tmp_path / "run"
     check_ok(run(train_command([*FAST, "--data-dir", str(data_dir), "--output-dir", str(out), "--epochs", "1",
                                 "--grad-accum-steps", "2", "--aspect-ratio-group-factor", "1", "--clip-grad-norm",
-                                "1.0", "--no-decay-norm-bias", "--lr-schedule", "cosine"])))
+                                "1.0", "--no-decay-norm-bias", "--lr-schedule", "cosine", "--ema-decay", "0.99"])))
     state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["updates"] == 3  # 5 batches -> groups of 2, 2, 1
+    assert json.loads((latest_checkpoint(out) / "ema.json").read_text())["updates"] == 3  # once per optimizer step
 
 
 def test_bf16_on_cpu_trains(data_dir, tmp_path):
