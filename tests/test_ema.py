@@ -1,6 +1,7 @@
 """The weight EMA on its own: the ramp and update rule by hand, BatchNorm buffers, state, flags."""
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from distdet.training.config import parse_config
-from distdet.training.ema import ModelEMA, parameters_digest
+from distdet.training.ema import ModelEMA, build_ema, parameters_digest
 
 
 def _tiny() -> nn.Module:
@@ -87,6 +88,18 @@ def test_digest_tells_one_bit_apart():
     flipped = {**tensors, "b": torch.tensor([3.0]).view(torch.int32).add(1).view(torch.float32)}
     assert parameters_digest(tensors.items()) == parameters_digest(reversed(list(tensors.items())))
     assert parameters_digest(tensors.items()) != parameters_digest(flipped.items())
+
+
+def test_build_ema_is_off_by_default_and_warns_when_the_ramp_outlasts_the_run(caplog):
+    assert build_ema(parse_config([]), _tiny(), total_updates=770) is None
+    with caplog.at_level(logging.WARNING, logger="distdet"):
+        ema = build_ema(parse_config(["--ema-decay", "0.99"]), _tiny(), total_updates=770)
+    assert (ema.decay, ema.tau) == (0.99, 2000.0)
+    assert "--ema-tau 2000 is long for a run of 770 optimizer updates" in caplog.text and "(77)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="distdet"):
+        build_ema(parse_config(["--ema-decay", "0.99", "--ema-tau", "75"]), _tiny(), total_updates=770)
+    assert not caplog.text
 
 
 def test_flags_and_config_keys(tmp_path):
