@@ -122,11 +122,7 @@ def repeated_epoch_order(factors: Sequence[float], seed: int, epoch: int, shuffl
     size = len(factors)
     keys = [sample_key(index, repeat, size)
             for index, count in enumerate(repeat_counts(factors, seed, epoch)) for repeat in range(count)]
-    if not shuffle:
-        return keys
-    generator = torch.Generator()
-    generator.manual_seed(seed + epoch)
-    return [keys[position] for position in torch.randperm(len(keys), generator=generator).tolist()]
+    return [keys[position] for position in epoch_order(len(keys), seed, epoch, shuffle)]
 
 
 def shard(order: Sequence[int], num_replicas: int, rank: int) -> list[int]:
