@@ -56,11 +56,11 @@ def compare_settings(checkpoint: Path, saved: dict[str, Any], current: dict[str,
         if saved.get(key) != current[key]:
             raise CheckpointError(f"checkpoint {checkpoint} holds a {saved.get(key)!r} {key}, but {flag} is "
                                   f"{current[key]!r}; resume with {flag} {saved.get(key)} or start a new run")
-    threshold = saved.get("repeat_factor_threshold")  # absent from older checkpoints: off
-    if threshold != current["repeat_factor_threshold"]:
+    threshold, wanted = saved.get("repeat_factor_threshold"), current.get("repeat_factor_threshold")  # absent: off
+    if threshold != wanted:
         raise CheckpointError(f"checkpoint {checkpoint} was trained with --repeat-factor-threshold "
                               f"{threshold if threshold is not None else 'off'}, this run has "
-                              f"{current['repeat_factor_threshold'] or 'it off'}: the epoch lists depend on it; "
+                              f"{wanted if wanted is not None else 'it off'}: the epoch lists depend on it; "
                               f"resume with the checkpoint's value or start a new run")
     for key in ("min_size", "max_size"):
         if saved.get(key) != current[key]:
