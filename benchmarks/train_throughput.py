@@ -114,9 +114,11 @@ def bare_recipe_loop(args: argparse.Namespace) -> None:
     """``--recipe`` mode's bare row: the tutorial step on the trainer's own batches (train_loops)."""
     import torch
 
+    from distdet.runtime.malloc import apply_malloc
     from distdet.training.config import parse_config
 
     cfg = parse_config(args.train_flags)
+    apply_malloc(cfg.malloc)  # the allocator the trainer row uses, before anything is allocated
     precision = "bf16" if cfg.mixed_precision == "bf16" else "fp32"
     result = bare_run(cfg, torch.device("cpu"), precision, args.steps, args.warmup)
     Path(args.out).write_text(json.dumps(result))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from distdet.runtime.options import (
     DEFAULT_DIST_TIMEOUT_S,
+    MALLOC_MODES,
     MIXED_PRECISION_CHOICES,
     add_hidden_alias,
     old_spelling,
@@ -44,12 +45,15 @@ def add_output(parser: argparse.ArgumentParser, option: str, help: str, *, requi
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    """``--mixed-precision`` (default no) and ``--dist-timeout`` for a command that runs a model."""
+    """``--mixed-precision`` (default no), ``--dist-timeout`` and ``--malloc`` for a command that runs a model."""
     parser.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES, default="no",
                         help="autocast precision for inference: no, fp16 (CUDA only) or bf16 (default: no)")
     parser.add_argument("--dist-timeout", type=positive_float, default=DEFAULT_DIST_TIMEOUT_S, metavar="SECONDS",
                         help="seconds a collective waits for the other processes before failing "
                              f"(default: {DEFAULT_DIST_TIMEOUT_S:g})")
+    parser.add_argument("--malloc", choices=MALLOC_MODES, default="keep",
+                        help="CPU memory: keep (glibc reuses freed blocks; faster on CPU) or system (the C "
+                             "library's defaults); as for train (default: keep)")
 
 
 def build_command_accelerator(args: argparse.Namespace, command: str, *, cpu: bool = False):
@@ -57,7 +61,8 @@ def build_command_accelerator(args: argparse.Namespace, command: str, *, cpu: bo
     from distdet.runtime.accelerator import LaunchError, build_accelerator
 
     try:
-        return build_accelerator(cpu=cpu, mixed_precision=args.mixed_precision, dist_timeout=args.dist_timeout)
+        return build_accelerator(cpu=cpu, mixed_precision=args.mixed_precision, dist_timeout=args.dist_timeout,
+                                 malloc=args.malloc)
     except LaunchError as exc:
         print(f"distdet {command}: error: {exc}", file=sys.stderr)
         return None

@@ -30,6 +30,7 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from distdet.runtime.options import DEFAULT_DIST_TIMEOUT_S, MIXED_PRECISION_CHOICES
 from distdet.runtime.signals import EXIT_INTERRUPTED
+from distdet.runtime.malloc import apply_malloc
 from distdet.runtime.tf32 import apply_tf32
 
 logger = logging.getLogger(__name__)
@@ -54,12 +55,14 @@ def resolve_mixed_precision(requested: str | None) -> str:
 
 
 def build_accelerator(*, cpu: bool, mixed_precision: str | None, grad_accum_steps: int = 1,
-                      dist_timeout: float = DEFAULT_DIST_TIMEOUT_S, tf32: str = "torch") -> Accelerator:
+                      dist_timeout: float = DEFAULT_DIST_TIMEOUT_S, tf32: str = "torch",
+                      malloc: str = "keep") -> Accelerator:
     """Create the Accelerator; raise :class:`LaunchError` for fp16 on CPU or a broken launch.
 
     ``cpu``: use the CPU even when CUDA is available (the CPU is used anyway without CUDA).
     ``mixed_precision`` None means the launcher's setting (see :func:`resolve_mixed_precision`).
     ``tf32``: see :mod:`distdet.runtime.tf32`, applied before the Accelerator exists.
+    ``malloc``: see :mod:`distdet.runtime.malloc`, applied before any model or data exists.
     """
     use_cpu = cpu or not torch.cuda.is_available()
     precision = resolve_mixed_precision(mixed_precision)
@@ -69,6 +72,7 @@ def build_accelerator(*, cpu: bool, mixed_precision: str | None, grad_accum_step
             "(no autocast, no gradient scaler). Use --mixed-precision bf16 on CPU, or fp16 on a CUDA GPU."
         )
     apply_tf32(tf32)
+    apply_malloc(malloc)
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=precision,

@@ -17,6 +17,10 @@ MIXED_PRECISION_CHOICES: tuple[str, ...] = ("no", "fp16", "bf16")
 #: ``--tf32`` values (see :mod:`distdet.runtime.tf32`): PyTorch's default, TF32 on, TF32 off.
 TF32_MODES: tuple[str, ...] = ("torch", "on", "off")
 
+#: ``--malloc`` values (see :mod:`distdet.runtime.malloc`): keep freed memory in the process, or
+#: the C library's defaults.
+MALLOC_MODES: tuple[str, ...] = ("keep", "system")
+
 #: Seconds a collective waits for the other ranks before failing (``--dist-timeout``): long
 #: enough for rank 0 to build the synthetic default data or write evaluation outputs, short
 #: enough that a dead rank ends a job within a minute instead of torch's 30-minute default.

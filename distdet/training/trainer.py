@@ -107,7 +107,7 @@ def run_training(cfg: TrainConfig) -> int:
     try:
         accelerator = build_accelerator(
             cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, grad_accum_steps=cfg.grad_accum_steps,
-            dist_timeout=cfg.dist_timeout, tf32=cfg.tf32,
+            dist_timeout=cfg.dist_timeout, tf32=cfg.tf32, malloc=cfg.malloc,
         )
     except LaunchError as exc:
         print(f"distdet train: error: {exc}", file=sys.stderr)
