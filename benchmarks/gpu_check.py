@@ -48,6 +48,7 @@ from train_loops import (  # noqa: E402 - benchmarks/ is on sys.path when run as
     CUDA_ONLY, PRECISION_FLAGS, PRECISIONS, bare_run, child_env, measured_run_flags, read_jsonl, same_batches,
     trainer_image_ids, trainer_throughput,
 )
+from distdet.training.config import comma_text, size_list_argument  # noqa: E402 - torch-free
 
 GPU_MODELS = ("fasterrcnn_lite0_fpn", "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2")
 DRY_MODELS = ("fasterrcnn_mobilenet_v3_large_320_fpn",)
@@ -55,7 +56,7 @@ IMAGENET_BACKBONE = {"fasterrcnn_lite0_fpn"}  # shipped with the lite extra; the
 #: seconds assumed for the first row of a loop (H200 guesses, generous; later rows use measured times)
 PRIOR_S = {"bare": 40.0, "trainer": 90.0, "nan-check": 90.0}
 MEMORY_CLASS = {"fp32": "fp32", "tf32": "fp32", "bf16": "bf16", "fp16": "bf16"}
-DRY_RUN = {"device": "cpu", "min_size": 64, "max_size": 96, "batch_size": 2, "max_batch_cap": 4, "steps": 2,
+DRY_RUN = {"device": "cpu", "min_size": [64], "max_size": 96, "batch_size": 2, "max_batch_cap": 4, "steps": 2,
            "warmup": 1, "log_every": 1, "workers": 0, "budget_s": 600.0}
 
 
@@ -67,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="VOC folder (default: the synthetic default dataset)")
     p.add_argument("--models", default=None, help=f"comma-separated (default: {','.join(GPU_MODELS)})")
     p.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated subset of fp32,tf32,bf16,fp16")
-    p.add_argument("--min-size", type=int, default=800)
+    p.add_argument("--min-size", type=size_list_argument, default=[800],
+                   help="short side(s), as train.py --min-size takes them (384,448,512: multi-scale)")
     p.add_argument("--max-size", type=int, default=1333)
     p.add_argument("--batch-size", type=int, default=4, help="the tutorial's batch")
     p.add_argument("--max-batch-cap", type=int, default=64, help="largest batch tried (0 = no largest-batch rows)")
@@ -157,7 +159,7 @@ class GpuCheck:
         a = self.args
         flags = ["--split-scheme", "stratified", "--test-fraction", "0.05", "--model", model, "--weights", "none",
                  "--backbone-weights", "imagenet" if model in IMAGENET_BACKBONE else "none",
-                 "--min-size", str(a.min_size), "--max-size", str(a.max_size), "--batch-size", str(batch_size),
+                 "--min-size", comma_text(a.min_size), "--max-size", str(a.max_size), "--batch-size", str(batch_size),
                  "--workers", str(a.workers), "--log-every", str(a.log_every), "--no-progress", "--no-tensorboard",
                  *PRECISION_FLAGS[precision], *(["--data-dir", a.data_dir] if a.data_dir else [])]
         return flags + (["--cpu"] if self.device.type == "cpu" else [])
@@ -359,7 +361,7 @@ class GpuCheck:
     def print_table(self) -> None:
         info = device_info(self.device)
         print(f"\nGPU check on {info['name']} (torch {info['torch']}, CUDA {info['cuda']}); "
-              f"{self.args.min_size}/{self.args.max_size} px, {self.args.warmup} warmup + {self.args.steps} steps, "
+              f"{comma_text(self.args.min_size)}/{self.args.max_size} px, {self.args.warmup} warmup + {self.args.steps} steps, "
               f"{self.args.workers} workers, data {self.args.data_dir or 'synthetic default'}")
         print(f"{'model':38s} {'prec':5s} {'batch':>5s} {'loop':9s} {'img/s':>8s} {'data wait':>9s} "
               f"{'peak MiB':>9s} {'time s':>7s}  status")

@@ -5,8 +5,10 @@ Issue 17 asked why the real-data recipe (``configs/facemask_lite0_cpu.yaml``) st
 2.3 s, with 22 % of its CPU time in the kernel. Each row below runs in its own process, on the
 recipe's own batches (``train_loops.trainer_batches``), and changes ONE thing:
 
-- ``fixed``: the bare step on the first batch of 4, repeated (one shape every step: what the
-  step benchmark measures, at the recipe's batch size);
+- ``step-bench``: the bare step on ``lite0_step_time.py``'s two images (512x366, batch 2),
+  repeated: that benchmark's measurement, in this run;
+- ``fixed``: the bare step on the recipe's first batch of 4, repeated (one shape every step, as
+  the step benchmark, at the recipe's batch size);
 - ``bare``: the bare step on the recipe's batches (shapes change every step), DataLoader
   workers as the recipe (``--workers 1``);
 - ``bare-w0``: the same with the batches loaded in the training process (no worker process
@@ -75,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-KINDS = ("bare-w0", "fixed", "bare", "trainer-2x1", "trainer")
+KINDS = ("bare-w0", "step-bench", "fixed", "bare", "trainer-2x1", "trainer")
 
 
 def split_row(row: str) -> tuple[str, list[str], dict[str, str]]:
@@ -108,13 +110,13 @@ def bare_worker(args: argparse.Namespace, kind: str) -> None:
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     step = bare_step(model, optimizer, torch.device("cpu"), "fp32")
     batches = trainer_batches(cfg)
-    first = next(batches)
+    first = step_bench_batch(cfg.data_dir) if kind == "step-bench" else next(batches)
     times, usage = [], None
     for index in range(args.warmup + args.steps):
         if index == args.warmup:
             usage = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
-        images, targets = first if kind == "fixed" else next(batches)
+        images, targets = first if kind in ("fixed", "step-bench") else next(batches)
         step(images, targets)
         times.append(time.perf_counter() - start)
     end = resource.getrusage(resource.RUSAGE_SELF)
@@ -125,7 +127,17 @@ def bare_worker(args: argparse.Namespace, kind: str) -> None:
         "user_s_per_step": (end.ru_utime - usage.ru_utime) / args.steps,
         "sys_s_per_step": (end.ru_stime - usage.ru_stime) / args.steps,
         "minor_faults_per_step": (end.ru_minflt - usage.ru_minflt) / args.steps,
-        "batch_shape": list(first[0][0].shape)}))
+        "images_per_step": len(first[0]), "batch_shape": list(first[0][0].shape)}))
+
+
+def step_bench_batch(data_dir: str | None):
+    """``lite0_step_time.py``'s two images and boxes, as one batch."""
+    from lite0_step_time import STEMS, _load
+
+    from distdet.data.synthetic import resolve_data_dir
+
+    samples = [_load(stem, resolve_data_dir(data_dir)) for stem in STEMS]
+    return [s[0] for s in samples], [s[1] for s in samples]
 
 
 def run_child(cmd: list[str], env: dict[str, str]) -> resource.struct_rusage:
@@ -198,19 +210,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(args: argparse.Namespace, cfg, results: dict[str, list[dict]]) -> None:
+    from distdet.training.config import comma_text
+
     def med(row: str, key: str) -> float:
         return statistics.median(r[key] for r in results[row])
 
     base = "bare" if "bare" in results else next(iter(results))
+    sizes = comma_text(cfg.min_size)  # one size, or a multi-scale list
     print(f"\nrecipe {args.recipe} {' '.join(args.train_flags)}: batch {cfg.batch_size}, min/max size "
-          f"{cfg.min_size}/{cfg.max_size}, {args.threads} threads, {args.warmup} warmup + {args.steps} measured "
+          f"{sizes}/{cfg.max_size}, {args.threads} threads, {args.warmup} warmup + {args.steps} measured "
           f"steps, median of {args.rounds} interleaved rounds")
-    print(f"| row | s/step | vs {base} | user CPU s/step | system CPU s/step | minor faults/step | load average |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print(f"| row | s/step | s per {cfg.batch_size} images | vs {base} | user CPU s/step | system CPU s/step | minor faults/step | load average |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for row in results:
         whole = " (whole run)" if results[row][0].get("whole_run") else ""
         loads = ", ".join(f"{r['load_average'][0]:.2f}-{r['load_average'][1]:.2f}" for r in results[row])
-        print(f"| {row} | {med(row, 's_per_step'):.2f} | {med(base, 's_per_step') / med(row, 's_per_step'):.3f}x | "
+        per_batch = med(row, "s_per_step") * cfg.batch_size / results[row][0].get("images_per_step", cfg.batch_size)
+        print(f"| {row} | {med(row, 's_per_step'):.2f} | {per_batch:.2f} | {med(base, 's_per_step') / med(row, 's_per_step'):.3f}x | "
               f"{med(row, 'user_s_per_step'):.2f}{whole} | {med(row, 'sys_s_per_step'):.2f}{whole} | "
               f"{med(row, 'minor_faults_per_step'):,.0f}{whole} | {loads} |")
 

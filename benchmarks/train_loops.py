@@ -3,8 +3,9 @@
 - :func:`trainer_batches`: the batches ``train.py`` trains on for a :class:`TrainConfig`, in its
   order (same split, transforms, ``EpochBatchSampler`` order, per-sample seeding and DataLoader
   settings as section 2 of :mod:`distdet.training.trainer`, one process), so a bare loop can
-  train on identical batches: same images, same order, same sizes. The trainer's
-  ``--debug-record-samples`` file lets a benchmark check that (:func:`same_batches`).
+  train on identical batches: same images, same order, same sizes (with several ``--min-size``,
+  the trainer's seeded size of each batch). The trainer's ``--debug-record-samples`` file lets a
+  benchmark check that (:func:`same_batches`).
 - :func:`bare_run`: the tutorial's step (sum of the losses, ``zero_grad``, ``backward``,
   ``step``; plain SGD, no clipping, no agreement, no logging) at a precision, timed by
   :func:`timed_loop`.
@@ -58,8 +59,11 @@ def measured_run_flags(max_steps: int, run_dir: Path) -> list[str]:
             "--output-dir", str(run_dir), "--debug-record-samples"]
 
 
-def trainer_batches(cfg, pin_memory: bool = False) -> Iterator[Batch]:
-    """The trainer's training batches for ``cfg`` on one process, epoch after epoch, without end."""
+def trainer_batches(cfg, pin_memory: bool = False, scales=None) -> Iterator[Batch]:
+    """The trainer's training batches for ``cfg`` on one process, epoch after epoch, without end.
+
+    ``scales`` (a model's :class:`~distdet.training.multiscale.BatchScales`) is started at each
+    epoch as the trainer starts it, so the model trains each batch at the trainer's size."""
     from torch.utils.data import DataLoader
 
     from distdet.classes import CLASS_NAMES
@@ -82,6 +86,8 @@ def trainer_batches(cfg, pin_memory: bool = False) -> Iterator[Batch]:
     epoch = 0
     while True:
         sampler.set_epoch(epoch)
+        if scales is not None:
+            scales.start_epoch(epoch, 0)
         yield from loader
         epoch += 1
 
@@ -146,19 +152,21 @@ def bare_run(cfg, device: torch.device, precision: str, steps: int, warmup: int,
     from distdet.classes import CLASS_NAMES
     from distdet.modeling.models import build_model
     from distdet.runtime.tf32 import apply_tf32
+    from distdet.training.multiscale import attach_batch_scales
 
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         apply_tf32("on" if precision == "tf32" else "off")
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(cfg.model, len(CLASS_NAMES), weights=cfg.weights, backbone_weights=cfg.backbone_weights,
-                        min_size=cfg.min_size, max_size=cfg.max_size,
+                        min_size=cfg.min_size, max_size=cfg.max_size, eval_min_size=cfg.eval_min_size,
                         trainable_backbone_layers=cfg.trainable_backbone_layers,
                         box_batch_size_per_image=cfg.box_batch_size_per_image,
                         rpn_batch_size_per_image=cfg.rpn_batch_size_per_image).to(device).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    batches = trainer_batches(cfg, pin_memory=device.type == "cuda")
+    scales = attach_batch_scales(model, cfg.seed)
+    batches = trainer_batches(cfg, pin_memory=device.type == "cuda", scales=scales)
     try:
         result = timed_loop(batches, bare_step(model, optimizer, device, precision), steps, warmup, device, deadline)
     finally:

@@ -8,9 +8,8 @@ Rows, side by side in one run (same model, data, batch size and optimizer):
 - ``distdet 2proc``: ``accelerate launch`` with 2 processes (gloo);
 - the bare loop and ``distdet`` once more with the other thread count, so that
   "1 process x 2 threads" and "2 processes x 1 thread" use the same cores;
-- ``distdet-malloc``: ``distdet`` with glibc's allocator told to keep freed memory
-  (:data:`MALLOC_TUNING`: no trimming, a fixed 32 MiB mmap threshold, 1 GiB top pad), so the
-  large activation buffers of each step are reused instead of unmapped and faulted in again.
+- ``distdet-system``: ``distdet`` with ``--malloc system`` (the C library's allocator defaults,
+  as before issue 17; every other row keeps freed memory, :mod:`distdet.runtime.malloc`).
 
 ``--recipe FILE`` (like for like) runs only ``bare`` and ``distdet``, both built from the same
 ``train.py --config FILE`` flags (plus any given after ``--``): the bare loop trains on the
@@ -27,7 +26,7 @@ throughput is reported, to damp the noise of a shared machine (its load average 
 
     PYTHONPATH=. python benchmarks/train_throughput.py            # defaults: a few minutes on 2 cores
     PYTHONPATH=. python benchmarks/train_throughput.py --steps 40 --repeats 3 --min-size 240
-    PYTHONPATH=. python benchmarks/train_throughput.py --rows distdet,distdet-malloc \
+    PYTHONPATH=. python benchmarks/train_throughput.py --rows distdet,distdet-system \
         --model fasterrcnn_lite0_fpn --min-size 448 --max-size 768 --data-dir ../shared/facemask --workers 1
     PYTHONPATH=. python benchmarks/train_throughput.py --recipe configs/facemask_lite0_cpu.yaml \
         --steps 20 --warmup 10 --repeats 3
@@ -68,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="VOC folder (default: the synthetic default dataset)")
     p.add_argument("--rows", default="bare,distdet,distdet-2proc",
                    help="comma-separated rows: bare, distdet (1 process x 2 threads), bare-1t, distdet-1t "
-                        "(1 x 1), distdet-2proc (2 processes x 1 thread), distdet-malloc (1 x 2, tuned malloc)")
+                        "(1 x 1), distdet-2proc (2 processes x 1 thread), distdet-system (1 x 2, --malloc system)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--recipe", default=None, metavar="FILE",
                    help="like-for-like mode: rows bare and distdet only, both from train.py --config FILE plus the "
@@ -89,7 +88,9 @@ def bare_loop(args: argparse.Namespace) -> None:
     from distdet.classes import CLASS_NAMES
     from distdet.data import DetectionDataset, build_index, collate_detection, get_transforms
     from distdet.modeling.models import build_model
+    from distdet.runtime.malloc import apply_malloc
 
+    apply_malloc("keep")  # as the trainer's default, so the pair compares loops, not allocators
     torch.manual_seed(0)
     records = build_index(args.data_dir).records
     dataset = DetectionDataset(records, transforms=get_transforms("hflip", train=True))
@@ -170,10 +171,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-#: glibc malloc settings of the ``distdet-malloc`` row (read by glibc at process start).
-MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184",
-                 "MALLOC_TOP_PAD_": "1073741824"}
-
 
 def _run(cmd: list[str], env: dict[str, str], marker: str) -> tuple[list[float], str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -185,18 +182,18 @@ def _run(cmd: list[str], env: dict[str, str], marker: str) -> tuple[list[float],
     return peaks, output
 
 
-def run_bare(args: argparse.Namespace, threads: int, tmp: Path, extra_env: dict[str, str]) -> dict:
+def run_bare(args: argparse.Namespace, threads: int, tmp: Path, extra_flags: list[str]) -> dict:
     out = tmp / f"bare_{threads}.json"
     cmd = [sys.executable, __file__, "--worker", "bare", "--out", str(out), "--data-dir", args.data_dir,
            "--model", args.model, "--min-size", str(args.min_size), "--max-size", str(args.max_size),
            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--box-batch-size-per-image", str(args.box_batch_size_per_image)]
-    peaks, _ = _run(cmd, child_env(threads, extra_env), "train_throughput.py")
+    peaks, _ = _run(cmd, child_env(threads), "train_throughput.py")
     return {**json.loads(out.read_text()), "peak_rss_mib": peaks}
 
 
 def run_distdet(args: argparse.Namespace, threads: int, processes: int, tmp: Path, tag: str,
-                extra_env: dict[str, str]) -> dict:
+                extra_flags: list[str]) -> dict:
     run_dir = tmp / f"distdet_{tag}"
     per_rank_steps = args.warmup + args.steps
     train = [str(REPO / "train.py"), "--data-dir", args.data_dir, "--split-scheme", "stratified", "--test-fraction", "0.05",
@@ -211,16 +208,16 @@ def run_distdet(args: argparse.Namespace, threads: int, processes: int, tmp: Pat
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml"), "--num_processes", str(processes),
                "--main_process_port", str(_free_port()), *train]
-    peaks, _ = _run(cmd, child_env(threads, extra_env), "train.py")
+    peaks, _ = _run(cmd + extra_flags, child_env(threads), "train.py")
     return {**trainer_throughput(run_dir, args.warmup, args.batch_size * processes), "peak_rss_mib": peaks}
 
-ROWS = {  # name: (processes, torch threads per process, runner, extra environment)
-    "bare": (1, 2, run_bare, {}),
-    "distdet": (1, 2, None, {}),
-    "bare-1t": (1, 1, run_bare, {}),
-    "distdet-1t": (1, 1, None, {}),
-    "distdet-2proc": (2, 1, None, {}),
-    "distdet-malloc": (1, 2, None, MALLOC_TUNING),
+ROWS = {  # name: (processes, torch threads per process, runner, extra train.py flags)
+    "bare": (1, 2, run_bare, []),
+    "distdet": (1, 2, None, []),
+    "bare-1t": (1, 1, run_bare, []),
+    "distdet-1t": (1, 1, None, []),
+    "distdet-2proc": (2, 1, None, []),
+    "distdet-system": (1, 2, None, ["--malloc", "system"]),
 }
 
 
@@ -248,10 +245,10 @@ def main(argv=None) -> int:
         tmp = Path(tmp_name)
         for repeat in range(args.repeats):
             for row in rows:
-                procs, threads, fn, extra_env = ROWS[row]
+                procs, threads, fn, extra_flags = ROWS[row]
                 tag = f"{row}_{repeat}"
-                result = (fn(args, threads, tmp, extra_env) if fn
-                          else run_distdet(args, threads, procs, tmp, tag, extra_env))
+                result = (fn(args, threads, tmp, extra_flags) if fn
+                          else run_distdet(args, threads, procs, tmp, tag, extra_flags))
                 results[row].append(result)
                 print(f"[{repeat + 1}/{args.repeats}] {row:14s} {result['images_per_s']:6.2f} img/s  "
                       f"data wait {100 * result['data_wait_frac']:4.1f}%  peak RSS {result['peak_rss_mib']}", flush=True)
@@ -272,9 +269,9 @@ def main(argv=None) -> int:
     if "distdet-2proc" in best and "distdet" in best:
         summary["distdet-2proc (2 x 1t) / distdet (1 x 2t)"] = (best["distdet-2proc"]["images_per_s"]
                                                               / best["distdet"]["images_per_s"])
-    if "distdet-malloc" in best and "distdet" in best:
-        summary["distdet-malloc / distdet (tuned glibc malloc)"] = (best["distdet-malloc"]["images_per_s"]
-                                                                    / best["distdet"]["images_per_s"])
+    if "distdet-system" in best and "distdet" in best:
+        summary["distdet / distdet-system (--malloc keep vs system)"] = (best["distdet"]["images_per_s"]
+                                                                     / best["distdet-system"]["images_per_s"])
     for name, ratio in summary.items():
         print(f"{name}: {ratio:.3f}")
     if args.json:

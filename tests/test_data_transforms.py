@@ -89,6 +89,24 @@ def test_sanitize_drops_tiny_boxes_with_their_labels(tmp_path: Path) -> None:
         assert target["area"].shape == target["iscrowd"].shape == (1,)
 
 
+def test_strong_preset_never_swaps_colour_channels(tmp_path: Path) -> None:
+    """A skin-coloured face (hue 30 degrees: red > green > blue) stays red > green > blue in every
+    pixel under ``strong``'s colour jitter; the stock ``RandomPhotometricDistort`` permutes the
+    channels of about 40% of the images (p 0.5, 5 of 6 permutations), relabelling colours."""
+    write_pair(tmp_path, "skin", [("without_mask", RECT)], paint=None)
+    Image.fromarray(np.full((H, W, 3), (200, 130, 60), dtype=np.uint8)).save(tmp_path / "images" / "skin.png")
+    dataset = DetectionDataset(build_index(tmp_path).records, get_transforms("strong", train=True))
+    jittered = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        image, _ = dataset[0]
+        pixels = image.flatten(1)[:, image.flatten(1).sum(0) > 0]  # without the zoom-out's black border
+        red, green, blue = pixels
+        assert bool((red > green).all() and (green > blue).all()), f"seed {seed}: channels reordered"
+        jittered += not torch.allclose(pixels[:, 0], torch.tensor([200, 130, 60]) / 255)
+    assert jittered > 10  # the colour jitter itself still runs
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_image_without_objects(tmp_path: Path, preset: str) -> None:
     write_pair(tmp_path, "empty", [], paint=None)

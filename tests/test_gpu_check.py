@@ -136,6 +136,17 @@ def recipe_args(tmp_path: Path, warmup: int) -> list[str]:
             "--test-fraction", "0.2", "--workers", "0"]
 
 
+def test_gpu_check_passes_a_size_list_to_both_loops(tmp_path):
+    import gpu_check
+    from distdet.training.config import parse_config
+
+    args = gpu_check.parse_args(["--dry-run", "--min-size", "64,80", "--max-size", "120"])
+    assert args.min_size == [64, 80]
+    flags = gpu_check.GpuCheck(args, tmp_path).train_flags(DRY_MODEL, "fp32", 2)
+    assert flags[flags.index("--min-size") + 1] == "64,80"
+    assert parse_config(flags).min_size == [64, 80]
+
+
 def test_recipe_mode_refuses_warmup_that_splits_a_log_window(tmp_path):
     done = run_script(TRAIN_THROUGHPUT, recipe_args(tmp_path, warmup=3))
     assert done.returncode == 2
@@ -156,3 +167,24 @@ def test_recipe_mode_runs_interleaved_pairs_on_identical_batches(tmp_path):
     assert len(lines) == 6 and all("load average" in line for line in lines)
     assert [line.split()[2] for line in lines[:4]] == ["bare", "distdet", "distdet", "bare"]  # alternating order
     assert "identical batches in every pair: yes" in done.stdout
+
+
+STEP_GAP = REPO / "benchmarks" / "step_gap.py"
+
+
+@pytest.mark.slow
+def test_step_gap_runs_bare_and_trainer_rows_with_each_allocator(tmp_path):
+    args = recipe_args(tmp_path, warmup=2)
+    flags = args[args.index("--") + 1:]
+    done = run_script(STEP_GAP, ["--rows", "bare-system,bare,trainer", "--rounds", "1", "--warmup", "2", "--steps", "2",
+                                 "--threads", "1", "--json", str(tmp_path / "gap.json"), "--",
+                                 "--data-dir", str(make_tiny_dataset(tmp_path)), *flags])
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    results = json.loads((tmp_path / "gap.json").read_text())["results"]
+    assert set(results) == {"bare-system", "bare", "trainer"}
+    for rows in results.values():
+        assert rows[0]["s_per_step"] > 0 and rows[0]["minor_faults_per_step"] > 0
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["bare-system", "bare", "trainer"]
+    bad = run_script(STEP_GAP, ["--rows", "bare-tcmalloc"])
+    assert bad.returncode != 0 and "unknown row 'bare-tcmalloc'" in bad.stderr

@@ -6,7 +6,10 @@ A model folder holds ``model.pt`` (the detector's state dict) and ``model_card.j
      "build": {"min_size": 800, "max_size": 1333, ...}, "info": {...}}
 
 ``build`` holds the keyword arguments of :func:`distdet.modeling.models.build_model` other than the
-weights choices; ``info`` is free-form (training summary, metrics, versions).
+weights choices; ``info`` is free-form (training summary, metrics, versions). A multi-scale
+detector's card keeps its training sizes (``"min_size": [384, 448, 512]``) and its evaluation
+size (``"eval_min_size": 512``); loading rebuilds it at the evaluation size (cards without
+``eval_min_size``, written before it existed, load at their one ``min_size``).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from torch import nn
 
 from distdet.io_utils import atomic_write, atomic_write_json, read_json
 from distdet.modeling.models import build_model
+from distdet.modeling.multiscale import inference_build
 from distdet.modeling.weights import load_state_dict_file
 
 CARD_NAME = "model_card.json"
@@ -63,7 +67,8 @@ class ModelCard:
 
 #: The ``build`` keys a card may hold: (type, smallest value, largest value or None).
 BUILD_KEYS: dict[str, tuple[type, float, float | None]] = {
-    "min_size": (int, 1, None), "max_size": (int, 1, None), "trainable_backbone_layers": (int, 0, 5),
+    "min_size": (int, 1, None), "eval_min_size": (int, 1, None), "max_size": (int, 1, None),
+    "trainable_backbone_layers": (int, 0, 5),
     "box_score_thresh": (float, 0.0, 1.0), "box_detections_per_img": (int, 1, None),
     "box_batch_size_per_image": (int, 1, None), "rpn_batch_size_per_image": (int, 1, None),
     "frozen_batchnorm": (bool, 0, 1),
@@ -76,6 +81,13 @@ def _check_build_value(path: Path, key: str, value: Any) -> None:
         raise ValueError(f"model card {path}: unknown build key {key!r} (known: {', '.join(BUILD_KEYS)})")
     kind, low, high = BUILD_KEYS[key]
     if key == "trainable_backbone_layers" and value is None:
+        return
+    if key == "min_size" and isinstance(value, list):  # the training sizes of a multi-scale detector
+        if not value or any(isinstance(size, list) for size in value):
+            raise ValueError(f"model card {path}: build 'min_size' must be an integer or a non-empty list of "
+                             f"integers, got {value!r}")
+        for size in value:
+            _check_build_value(path, key, size)
         return
     if kind is bool:
         ok = isinstance(value, bool)
@@ -119,10 +131,12 @@ def resolve_weights_path(path: str | Path) -> tuple[Path, Path]:
 
 
 def load_detector_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    """Rebuild the detector described by the card at ``path`` and load its weights, in eval mode."""
+    """Rebuild the detector described by the card at ``path`` and load its weights, in eval mode,
+    resizing to the card's evaluation size."""
     weights, card_path = resolve_weights_path(path)
     card = ModelCard.from_file(card_path)
-    model = build_model(card.model, len(card.class_names), weights="none", backbone_weights="none", **card.build)
+    model = build_model(card.model, len(card.class_names), weights="none", backbone_weights="none",
+                        **inference_build(card.build))
     state = load_state_dict_file(weights)
     try:
         model.load_state_dict(state)

@@ -8,7 +8,7 @@ predictor always ends up with ``num_classes + 1`` outputs (background is 0).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from torchvision.models.detection import faster_rcnn as tv_frcnn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from distdet.modeling.multiscale import size_tuple, use_sizes
 from distdet.modeling.names import MODEL_NAMES, TORCHVISION_MODEL_NAMES
 from distdet.modeling.weights import ensure_available, load_state_dict_file
 
@@ -66,8 +67,9 @@ def build_model(
     *,
     weights: str = "none",
     backbone_weights: str = "none",
-    min_size: int = 800,
+    min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
+    eval_min_size: int | None = None,
     trainable_backbone_layers: int | None = None,
     box_score_thresh: float = 0.05,
     box_detections_per_img: int = 100,
@@ -85,11 +87,15 @@ def build_model(
     ``frozen_batchnorm=True`` gives that structure without the pretrained weights, which is
     how a fine-tuned detector is rebuilt from its model card before its weights are loaded.
 
+    ``min_size`` is one short side or several: training then resizes each batch to one of them
+    and evaluation to ``eval_min_size`` (default: the largest), see
+    :mod:`distdet.modeling.multiscale`. One size evaluated at itself is torchvision's transform.
+
     Raises ValueError for an unknown name or weights choice, WeightsUnavailableError when
     downloadable weights are asked for offline and are not cached.
     """
     head_kwargs = dict(
-        min_size=min_size,
+        min_size=size_tuple(min_size),
         max_size=max_size,
         box_score_thresh=box_score_thresh,
         box_detections_per_img=box_detections_per_img,
@@ -97,9 +103,10 @@ def build_model(
         rpn_batch_size_per_image=rpn_batch_size_per_image,
     )
     if name == "fasterrcnn_lite0_fpn":
-        return _build_lite0(
+        model = _build_lite0(
             num_classes, weights, backbone_weights, trainable_backbone_layers, frozen_batchnorm, head_kwargs
         )
+        return use_sizes(model, min_size, eval_min_size)
     if name not in TORCHVISION_MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
     spec = TORCHVISION_MODELS[name]
@@ -118,7 +125,7 @@ def build_model(
         _load_partial(model.backbone.body, imagenet, "backbone")
     if isinstance(coco, Path):
         _load_partial(model, coco, "detector")
-    return model
+    return use_sizes(model, min_size, eval_min_size)
 
 
 def _choose(value: str, enum_name: str, enum: WeightsEnum, flag: str) -> WeightsEnum | Path | None:

@@ -6,7 +6,8 @@ drift apart. ``--config FILE`` (YAML ``.yaml/.yml`` or TOML ``.toml``) supplies 
 same names (dashes or underscores); flags given on the command line override the file. A
 renamed option keeps its old spelling as a hidden alias, on the command line and in files
 (``--split`` for ``--split-scheme``). The class list may also be given there as ``classes:``
-and as a list of names.
+and as a list of names; ``--min-size`` as a comma list on the command line (``384,448,512``)
+and as a list or a single number in a file.
 """
 from __future__ import annotations
 
@@ -40,11 +41,14 @@ LR_SCHEDULES = ("multistep", "cosine")
 
 
 def _flag(help: str, *, group: str, choices: Sequence[Any] | None = None, metavar: str | None = None,
-          item_type: type | None = None, old_name: str | None = None, default: Any = dataclasses.MISSING,
-          default_factory: Any = dataclasses.MISSING) -> Any:
-    """A field's metadata; ``old_name``: the option's former name, still accepted (hidden)."""
+          item_type: type | None = None, comma_list: bool = False, old_name: str | None = None,
+          default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A field's metadata; ``old_name``: the option's former name, still accepted (hidden).
+
+    A list field (``item_type``) takes its items as separate arguments, or with ``comma_list``
+    as one comma-separated argument."""
     meta = {"help": help, "group": group, "choices": choices, "metavar": metavar, "item_type": item_type,
-            "old_name": old_name}
+            "comma_list": comma_list, "old_name": old_name}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -98,9 +102,14 @@ class TrainConfig:
                          group="model", metavar="coco|none|PATH", default="coco")
     backbone_weights: str = _flag("initial backbone weights when --weights none: imagenet, none or a file",
                                   group="model", metavar="imagenet|none|PATH", default="none")
-    min_size: int = _flag("images are resized so their short side is this many pixels", group="model",
-                          default=800)
+    min_size: list[int] = _flag(
+        "images are resized so their short side is this many pixels; a comma list (384,448,512) trains "
+        "each batch at one of them, drawn from (--seed, epoch, batch)", group="model", item_type=int,
+        comma_list=True, metavar="N[,N...]", default_factory=lambda: [800])
     max_size: int = _flag("... and their long side at most this many pixels", group="model", default=1333)
+    eval_min_size: int | None = _flag(
+        "short side for evaluation (validation, the test evaluation) and for the saved model (evaluate, "
+        "predict, export); default: the largest --min-size", group="model", metavar="N", default=None)
     trainable_backbone_layers: int | None = _flag(
         "number of trainable backbone stages (0-5, pretrained weights only; default: torchvision's)",
         group="model", default=None)
@@ -241,11 +250,44 @@ def _parse_kwargs(f: dataclasses.Field) -> dict[str, Any]:
     """How argparse reads the field's value (type, nargs or action, choices)."""
     meta = f.metadata
     kind = _scalar_type(f)
+    if meta["comma_list"]:
+        return {"type": _comma_list_argument(meta["item_type"])}
     if meta["item_type"] is not None:
         return {"nargs": "*", "type": meta["item_type"]}
     if kind is bool:
         return {"action": argparse.BooleanOptionalAction}
     return {"type": kind, **({"choices": list(meta["choices"])} if meta["choices"] is not None else {})}
+
+
+def _comma_list(text: str, item_type: type) -> list[Any]:
+    """``"384,448"`` as ``[384, 448]``; ValueError naming the item that is not an ``item_type``."""
+    items = [item.strip() for item in text.split(",")]
+    for item in items:
+        try:
+            item_type(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not {'an integer' if item_type is int else item_type.__name__}") from None
+    return [item_type(item) for item in items]
+
+
+def _comma_list_argument(item_type: type) -> Any:
+    """The argparse ``type`` of a comma-list flag: its errors become the flag's usage error (exit 2)."""
+    def parse(text: str) -> list[Any]:
+        try:
+            return _comma_list(text, item_type)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+    return parse
+
+
+#: ``--min-size``'s argparse type, for scripts that take sizes to pass on to train.py
+size_list_argument = _comma_list_argument(int)
+
+
+def comma_text(values: Sequence[Any]) -> str:
+    """A comma-list flag's value as its command-line text (``[384, 448]`` -> ``"384,448"``)."""
+    return ",".join(map(str, values))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -259,7 +301,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = meta["help"] + (f" (default: {default})" if default not in (None, []) else "")
+        shown = comma_text(default) if meta["comma_list"] else default
+        help_text = meta["help"] + (f" (default: {shown})" if default not in (None, []) else "")
         if meta["old_name"] is not None:
             help_text = old_spelling(help_text, flag_name(meta["old_name"]))
         kwargs = _parse_kwargs(f)
@@ -327,6 +370,13 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
         raise ValueError(f"{where} must not be empty")
     if meta["item_type"] is not None:
         items = value if isinstance(value, list) else [value]
+        if meta["comma_list"] and isinstance(value, str):
+            try:
+                return _comma_list(value, meta["item_type"])
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from exc
+        if any(isinstance(item, bool) or (isinstance(item, float) and not item.is_integer()) for item in items):
+            raise ValueError(f"{where}: expected a list of {meta['item_type'].__name__}, got {value!r}")
         try:
             return [meta["item_type"](item) for item in items]
         except (TypeError, ValueError) as exc:
@@ -385,7 +435,7 @@ def validate(cfg: TrainConfig) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{flag_name(name)} must be a finite number, got {value}")
     positive = ("box_batch_size_per_image", "rpn_batch_size_per_image", "epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every", "keep_checkpoints",
-                "max_bad_steps", "min_size", "max_size")
+                "max_bad_steps", "max_size")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{flag_name(name)} must be at least 1, got {getattr(cfg, name)}")
@@ -418,4 +468,37 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--aspect-ratio-group-factor must be -1 (off) or >= 0, got {cfg.aspect_ratio_group_factor}")
     if sorted(cfg.lr_milestones) != list(cfg.lr_milestones):
         raise ValueError(f"--lr-milestones must be increasing, got {cfg.lr_milestones}")
+    _validate_sizes(cfg)
     resolve_trackers(cfg.report_to, cfg.tensorboard)  # a tracker whose package is missing
+
+
+#: ``--eval-min-size`` may lie at most this factor below the smallest or above the largest
+#: ``--min-size``: further away it is a typo (5120 for 512), not an evaluation scale.
+EVAL_SIZE_FACTOR = 2
+
+
+def eval_min_size(cfg: TrainConfig) -> int:
+    """The short side evaluation and the saved model use: ``--eval-min-size``, else the largest ``--min-size``."""
+    return cfg.eval_min_size if cfg.eval_min_size is not None else max(cfg.min_size)
+
+
+def _validate_sizes(cfg: TrainConfig) -> None:
+    """``--min-size``: distinct positive sizes; ``--eval-min-size`` near them; ``--max-size`` above them all."""
+    sizes = list(cfg.min_size)
+    listed = comma_text(sizes)
+    if not sizes or any(size < 1 for size in sizes):
+        raise ValueError(f"--min-size must be one or more positive integers, got {listed or 'none'}")
+    repeated = sorted({size for size in sizes if sizes.count(size) > 1})
+    if repeated:
+        raise ValueError(f"--min-size {listed} lists {', '.join(map(str, repeated))} more than once "
+                         f"(each size is drawn equally often)")
+    if cfg.eval_min_size is not None:
+        low, high = math.ceil(min(sizes) / EVAL_SIZE_FACTOR), max(sizes) * EVAL_SIZE_FACTOR
+        if not low <= cfg.eval_min_size <= high:
+            raise ValueError(f"--eval-min-size must be in [{low}, {high}] (within a factor {EVAL_SIZE_FACTOR} of "
+                             f"--min-size {listed}), got {cfg.eval_min_size}")
+    largest = max(sizes + [eval_min_size(cfg)])
+    if cfg.max_size < largest:
+        given = f"--min-size {listed}" + (f", --eval-min-size {cfg.eval_min_size}" if cfg.eval_min_size else "")
+        raise ValueError(f"--max-size {cfg.max_size} is below the short side {largest} ({given}): it must be at "
+                         f"least the largest of them")

@@ -2,7 +2,7 @@
 
 Each checkpoint keeps ``run_settings.json``: the model, the optimizer, ``--min-size/--max-size``
 and a fingerprint of the training data (name, size and mtime of every image and annotation
-file of the split's training part). On resume:
+file of the split's training part; ``min_size`` is the one size or the list). On resume:
 
 - another ``--model`` or ``--optimizer`` is refused, naming what the checkpoint holds (the
   saved tensors would not fit);
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from distdet.data.records import ImageRecord
+from distdet.modeling.multiscale import size_record
 from distdet.training.checkpoint_files import CheckpointError
 from distdet.training.config import TrainConfig
 
@@ -46,8 +47,9 @@ def data_fingerprint(records: Iterable[ImageRecord]) -> str:
 
 
 def run_settings(cfg: TrainConfig, train_records: Iterable[ImageRecord]) -> dict[str, Any]:
-    return {"model": cfg.model, "optimizer": cfg.optimizer, "min_size": cfg.min_size, "max_size": cfg.max_size,
-            "repeat_factor_threshold": cfg.repeat_factor_threshold, "data_fingerprint": data_fingerprint(train_records)}
+    return {"model": cfg.model, "optimizer": cfg.optimizer, "min_size": size_record(cfg.min_size),
+            "max_size": cfg.max_size, "repeat_factor_threshold": cfg.repeat_factor_threshold,
+            "data_fingerprint": data_fingerprint(train_records)}
 
 
 def compare_settings(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:

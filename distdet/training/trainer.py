@@ -56,6 +56,7 @@ from distdet.eval import evaluate_model, scalar_metrics
 from distdet.io_utils import WriteFailed, atomic_write_json
 from distdet.modeling.model_card import ModelCard, save_detector
 from distdet.modeling.models import build_model, uses_frozen_batchnorm
+from distdet.modeling.multiscale import size_record
 from distdet.modeling.weights import WeightsUnavailableError
 from distdet.training.report import write_training_plots
 from distdet.training.checkpoints import (
@@ -68,7 +69,7 @@ from distdet.training.checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
-from distdet.training.config import TrainConfig
+from distdet.training.config import TrainConfig, eval_min_size
 from distdet.training.resume_settings import apply_hyperparameters, group_hyperparameters, run_settings
 from distdet.training.run_lock import RunFolderLocked, lock_run_folder
 from distdet.training.data_setup import SPLIT_NAME, TrainingData, prepare_data
@@ -81,6 +82,7 @@ from distdet.training.results_csv import write_results_csv
 from distdet.training.optim import ScheduleClock, build_optimizer, build_scheduler, effective_lr, resolve_warmup_steps
 from distdet.training.run_logging import Progress, RunLog, configure_logging
 from distdet.training.tracker_choice import resolve_trackers
+from distdet.training.multiscale import attach_batch_scales, start_scale_epoch
 from distdet.training.sampling import EpochBatchSampler, SeededSampleDataset, aspect_ratio_groups
 from distdet.runtime.signals import (
     EXIT_INTERRUPTED,
@@ -203,6 +205,7 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
 
     resolved = {"effective_lr": lr, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
                 "warmup_steps": resolve_warmup_steps(cfg, steps_per_epoch), "world_size": world,
+                "min_size": list(cfg.min_size), "eval_min_size": eval_min_size(cfg),
                 "device": str(accelerator.device), "distributed_type": str(accelerator.distributed_type),
                 "mixed_precision": accelerator.mixed_precision, "data_dir": str(data.data_dir),
                 "train_images": len(data.train), "val_images": len(data.val or []), "test_images": len(data.test),
@@ -266,10 +269,11 @@ def _model_and_optimizer(cfg: TrainConfig, accelerator: Accelerator, lr: float, 
     would pickle it)."""
     with accelerator.main_process_first():  # the first process fills the weights cache
         model = build_model(cfg.model, num_classes, weights=cfg.weights, backbone_weights=cfg.backbone_weights,
-                            min_size=cfg.min_size, max_size=cfg.max_size,
+                            min_size=cfg.min_size, max_size=cfg.max_size, eval_min_size=cfg.eval_min_size,
                             trainable_backbone_layers=cfg.trainable_backbone_layers,
                             box_batch_size_per_image=cfg.box_batch_size_per_image,
                             rpn_batch_size_per_image=cfg.rpn_batch_size_per_image)
+    attach_batch_scales(model, cfg.seed)  # several --min-size: the seeded size of each batch
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, clock.steps_per_epoch, clock.epoch_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -300,6 +304,7 @@ def _run_epoch(run: Run, loop: LoopState) -> Outcome:
     run.sampler.set_epoch(state.epoch)
     first_batch = state.step_in_epoch * accum
     run.sampler.set_start(first_batch)
+    start_scale_epoch(accelerator.unwrap_model(run.model), state.epoch, first_batch)
     num_batches = len(run.sampler.epoch_batches())
     run.model.train()
 
@@ -568,7 +573,7 @@ def _model_card(run: Run, loop: LoopState, metrics: dict[str, dict[str, float]])
     return ModelCard(
         model=cfg.model,
         class_names=list(run.data.class_names),
-        build={"min_size": cfg.min_size, "max_size": cfg.max_size,
+        build={"min_size": size_record(cfg.min_size), "eval_min_size": eval_min_size(cfg), "max_size": cfg.max_size,
                "frozen_batchnorm": uses_frozen_batchnorm(run.accelerator.unwrap_model(run.model))},
         info={"trained_with": "distdet train", "run_dir": str(run.run_dir), "global_step": state.global_step,
               "epoch": state.epoch, **run.data.card_info(), "metrics": metrics,
