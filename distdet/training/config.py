@@ -90,6 +90,10 @@ class TrainConfig:
     aspect_ratio_group_factor: int = _flag(
         "batch images of similar aspect ratio together (2k+1 ratio bins, as torchvision's "
         "references do); -1 = off", group="data", default=-1)
+    repeat_factor_threshold: float | None = _flag(
+        "repeat-factor sampling (LVIS): a class in a fraction f < T of the training images gets factor "
+        "sqrt(T / f), an image the largest of its classes', rounded stochastically each epoch; "
+        "T in (0, 1], e.g. 0.5; default off", group="data", metavar="T", default=None)
 
     # -- model --------------------------------------------------------------------------------
     model: str = _flag("detector architecture", group="model", choices=MODEL_NAMES,
@@ -469,6 +473,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--ema-tau must be positive, got {cfg.ema_tau}")
     if cfg.dist_timeout <= 0:
         raise ValueError(f"--dist-timeout must be positive, got {cfg.dist_timeout}")
+    if cfg.repeat_factor_threshold is not None and not 0.0 < cfg.repeat_factor_threshold <= 1.0:
+        raise ValueError(f"--repeat-factor-threshold must be in (0, 1] (a fraction of the training images), "
+                         f"got {cfg.repeat_factor_threshold}")
     if cfg.aspect_ratio_group_factor < -1:
         raise ValueError(f"--aspect-ratio-group-factor must be -1 (off) or >= 0, got {cfg.aspect_ratio_group_factor}")
     if sorted(cfg.lr_milestones) != list(cfg.lr_milestones):

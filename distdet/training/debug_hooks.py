@@ -6,8 +6,9 @@ once, so the hot loop carries no testing logic of its own.
 
 - ``--debug-nan-at-step N ...`` (with ``--debug-nan-rank R``, -1 = every rank) multiplies the
   loss by NaN at those global optimizer steps, to exercise the non-finite-step agreement;
-- ``--debug-record-samples`` makes every rank append ``{"epoch", "step", "image_ids"}`` for each
-  batch it trains on to ``debug/samples_rank<R>.jsonl`` (the sharding and resume tests read it).
+- ``--debug-record-samples`` makes every rank append ``{"epoch", "step", "image_ids", "repeats"}``
+  for each batch it trains on to ``debug/samples_rank<R>.jsonl`` (the sharding and resume tests
+  read it); ``repeats`` says which repeat of each image it was (0 without repeat factors).
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ class DebugHooks:
         """Note the image ids of a batch this rank trains on (``--debug-record-samples``)."""
         if self.samples is not None:
             image_ids = [int(t["image_id"]) for t in targets]
-            self.samples.write(json.dumps({"epoch": epoch, "step": global_step, "image_ids": image_ids}) + "\n")
+            repeats = [int(t["repeat"]) if "repeat" in t else 0 for t in targets]
+            self.samples.write(json.dumps({"epoch": epoch, "step": global_step, "image_ids": image_ids,
+                                           "repeats": repeats}) + "\n")
 
     def close(self) -> None:
         if self.samples is not None:

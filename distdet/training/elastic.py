@@ -12,7 +12,10 @@ layout does, for that epoch:
 
 The new layout's stretch starts at ``step_in_epoch = 0``. Every sample of the epoch is trained
 once, apart from the padding repeats each stretch's even split adds (see ``sampling``); the
-following epochs are those of a fresh run with the new layout. The learning-rate clock is
+following epochs are those of a fresh run with the new layout. With repeat factors a sample is
+one repeat of an image: the epoch list holds each repeat as its own entry, so the arithmetic
+counts repeats (``--repeat-factor-threshold`` itself cannot change on resume:
+:func:`~distdet.training.resume_settings.compare_settings` refuses it). The learning-rate clock is
 re-anchored (:func:`~distdet.training.optim.rebase_scheduler`) so the schedule continues from the
 progress in epochs reached, and the base rate follows the global-batch rule (``--lr`` is for the
 global batch; with ``--scale-lr-from-batch`` it scales with the new global batch).
@@ -156,8 +159,9 @@ def _continue_schedule(saved: TrainerState, old: dict[str, int], current: Traine
                  ScheduleClock.fresh(steps_per_epoch(context.sampler.dataset_size,
                                                      batch_layout(old, context.aspect_ratios), old["seed"])))
     steps_left = math.ceil(len(context.sampler.epoch_batches()) / current.grad_accum_steps)
-    clock = old_clock.rebased(context.scheduler.last_epoch, saved.epoch, steps_left,
-                              current.schedule["steps_per_epoch"])
+    new_clock = ScheduleClock.from_json(current.schedule)
+    clock = old_clock.rebased(context.scheduler.last_epoch, saved.epoch, steps_left, new_clock.steps_per_epoch,
+                              new_clock.epoch_steps)
     rebase_scheduler(context.scheduler, context.cfg, clock, context.base_lr)
     return old_clock, clock
 

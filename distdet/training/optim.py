@@ -14,6 +14,16 @@ off the scheduler's step count. A resume on a layout with another number of opti
 epoch (other process count, batch size or accumulation) re-anchors the clock at the resumed step
 (:func:`rebase_scheduler`), so the factor continues where it was instead of jumping; the warmup
 keeps the length in epochs that ``--warmup-steps`` gave it in the layout the run started with.
+
+With repeat factors (``--repeat-factor-threshold``) the epochs differ in length: each epoch's
+list is a fresh stochastic rounding, so its length varies around the mean (measured on the 683
+tutorial training images at T = 0.5: 796 to 820 images over 30 epochs, 199 to 205 steps at
+batch 4 on one process). The schedule therefore runs by the fraction of epochs done: step ``k``
+of epoch ``e``, which has ``L_e`` steps, is at ``e + k / L_e`` epochs (the clock holds every
+epoch's ``L_e``, a pure function of seed, epoch and layout). The alternative, fixing every
+epoch's length, would mean dropping or adding samples, and an epoch's repeats would no longer
+each be trained once. Epoch-based milestones then fall exactly on epoch starts and the cosine
+reaches 0 at the end of the last epoch, whatever its length.
 """
 from __future__ import annotations
 
@@ -80,6 +90,11 @@ class ScheduleClock:
     ``1 / steps_per_epoch`` per step, so epoch boundaries stay whole numbers. Without a layout
     change (all anchors 0) the position is the step count itself: exactly the factors of a run
     that never changed layout.
+
+    ``epoch_steps`` (repeat factors: epochs of different lengths) holds the steps of every epoch
+    by its number: from ``boundary_step`` on, each step counts ``1 / epoch_steps[e]`` of its
+    epoch ``e`` (``1 / steps_per_epoch`` past the last one listed); ``steps_per_epoch`` is then
+    epoch 0's count, the unit positions are measured in.
     """
 
     steps_per_epoch: int
@@ -88,15 +103,18 @@ class ScheduleClock:
     anchor_epochs: float = 0.0
     boundary_step: int = 0
     boundary_epoch: int = 0
+    epoch_steps: tuple[int, ...] | None = None
 
     @classmethod
-    def fresh(cls, steps_per_epoch: int) -> "ScheduleClock":
-        return cls(steps_per_epoch, steps_per_epoch)
+    def fresh(cls, steps_per_epoch: int, epoch_steps: tuple[int, ...] | None = None) -> "ScheduleClock":
+        return cls(steps_per_epoch, steps_per_epoch, epoch_steps=epoch_steps)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ScheduleClock":
+        epoch_steps = data.get("epoch_steps")
         return cls(int(data["steps_per_epoch"]), int(data["warmup_steps_per_epoch"]), int(data["anchor_step"]),
-                   float(data["anchor_epochs"]), int(data["boundary_step"]), int(data["boundary_epoch"]))
+                   float(data["anchor_epochs"]), int(data["boundary_step"]), int(data["boundary_epoch"]),
+                   tuple(int(steps) for steps in epoch_steps) if epoch_steps is not None else None)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,7 +124,17 @@ class ScheduleClock:
         if step < self.boundary_step:
             done = (step - self.anchor_step) / (self.boundary_step - self.anchor_step)
             return self.anchor_epochs + done * (self.boundary_epoch - self.anchor_epochs)
-        return self.boundary_epoch + (step - self.boundary_step) / self.steps_per_epoch
+        epoch, start = self.boundary_epoch, self.boundary_step
+        lengths = self.epoch_steps or ()
+        while epoch < len(lengths) and step >= start + lengths[epoch]:
+            start, epoch = start + lengths[epoch], epoch + 1
+        return epoch + (step - start) / (lengths[epoch] if epoch < len(lengths) else self.steps_per_epoch)
+
+    def total_steps(self, epochs: int) -> int:
+        """Optimizer steps of ``epochs`` whole epochs of a fresh run (the progress bar's length)."""
+        if self.epoch_steps is None:
+            return epochs * self.steps_per_epoch
+        return sum(self.epoch_steps[:epochs]) + max(0, epochs - len(self.epoch_steps)) * self.steps_per_epoch
 
     def position(self, step: int) -> float:
         """Optimizer steps of the current layout that correspond to the progress at ``step``."""
@@ -121,16 +149,19 @@ class ScheduleClock:
             return steps
         return steps * self.steps_per_epoch / self.warmup_steps_per_epoch
 
-    def rebased(self, step: int, epoch: int, steps_left: int, steps_per_epoch: int) -> "ScheduleClock":
-        """The clock of a layout with ``steps_per_epoch`` steps per epoch, taking over at ``step``
-        in epoch ``epoch``, of which it has ``steps_left`` steps to train."""
+    def rebased(self, step: int, epoch: int, steps_left: int, steps_per_epoch: int,
+                epoch_steps: tuple[int, ...] | None = None) -> "ScheduleClock":
+        """The clock of a layout with ``steps_per_epoch`` steps per epoch (each epoch's in
+        ``epoch_steps``, when they differ), taking over at ``step`` in epoch ``epoch``, of which it
+        has ``steps_left`` steps to train."""
         return ScheduleClock(steps_per_epoch, self.warmup_steps_per_epoch, step, self.epochs(step),
-                             step + steps_left, epoch + 1)
+                             step + steps_left, epoch + 1, epoch_steps)
 
 
-def lr_factor_fn(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+def lr_factor_fn(cfg: TrainConfig, steps_per_epoch: int,
+                 epoch_steps: tuple[int, ...] | None = None) -> Callable[[int], float]:
     """The multiplier of the base rate after ``step`` optimizer steps of a run on one layout."""
-    return schedule_factor_fn(cfg, ScheduleClock.fresh(steps_per_epoch))
+    return schedule_factor_fn(cfg, ScheduleClock.fresh(steps_per_epoch, epoch_steps))
 
 
 def schedule_factor_fn(cfg: TrainConfig, clock: ScheduleClock) -> Callable[[int], float]:
@@ -155,13 +186,14 @@ def schedule_factor_fn(cfg: TrainConfig, clock: ScheduleClock) -> Callable[[int]
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepped once per optimizer step.
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
+                    epoch_steps: tuple[int, ...] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped once per optimizer step (``epoch_steps``: each epoch's steps, when they differ).
 
     The factor is a plain function, so a checkpoint stores only the step count: resuming with
     changed schedule flags applies the new schedule from the saved step.
     """
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(cfg, steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(cfg, steps_per_epoch, epoch_steps))
 
 
 def rebase_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig, clock: ScheduleClock,

@@ -6,6 +6,8 @@ file of the split's training part; ``min_size`` is the one size or the list). On
 
 - another ``--model`` or ``--optimizer`` is refused, naming what the checkpoint holds (the
   saved tensors would not fit);
+- another ``--repeat-factor-threshold`` is refused too: the checkpoint's position in its epoch,
+  and the learning-rate clock's epoch lengths, are counted in the epoch lists it makes;
 - another ``--min-size/--max-size`` or other data contents are accepted with a warning;
 - optimizer hyperparameters given anew (``--lr``, ``--momentum``, ``--weight-decay``,
   ``--scale-lr-from-batch`` ...) are APPLIED from the resumed step on, over the values saved in
@@ -46,15 +48,22 @@ def data_fingerprint(records: Iterable[ImageRecord]) -> str:
 
 def run_settings(cfg: TrainConfig, train_records: Iterable[ImageRecord]) -> dict[str, Any]:
     return {"model": cfg.model, "optimizer": cfg.optimizer, "min_size": size_record(cfg.min_size),
-            "max_size": cfg.max_size, "data_fingerprint": data_fingerprint(train_records)}
+            "max_size": cfg.max_size, "repeat_factor_threshold": cfg.repeat_factor_threshold,
+            "data_fingerprint": data_fingerprint(train_records)}
 
 
 def compare_settings(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse a resume whose model or optimizer differ from the checkpoint's; warn about the rest."""
+    """Refuse a resume whose model, optimizer or repeat factors differ from the checkpoint's; warn about the rest."""
     for key, flag in (("model", "--model"), ("optimizer", "--optimizer")):
         if saved.get(key) != current[key]:
             raise CheckpointError(f"checkpoint {checkpoint} holds a {saved.get(key)!r} {key}, but {flag} is "
                                   f"{current[key]!r}; resume with {flag} {saved.get(key)} or start a new run")
+    threshold, wanted = saved.get("repeat_factor_threshold"), current.get("repeat_factor_threshold")  # absent: off
+    if threshold != wanted:
+        raise CheckpointError(f"checkpoint {checkpoint} was trained with --repeat-factor-threshold "
+                              f"{threshold if threshold is not None else 'off'}, this run has "
+                              f"{wanted if wanted is not None else 'it off'}: the epoch lists depend on it; "
+                              f"resume with the checkpoint's value or start a new run")
     for key in ("min_size", "max_size"):
         if saved.get(key) != current[key]:
             logger.warning("resuming %s with --%s %s (the checkpoint was trained with %s)", checkpoint,

@@ -79,6 +79,7 @@ from distdet.training.debug_hooks import DebugHooks
 from distdet.training.elastic import LayoutChange, ResumeContext, continue_on_layout, layout_fields
 from distdet.runtime.accelerator import LaunchError, agree_any, build_accelerator
 from distdet.training.pictures import PREVIEW_BATCHES, write_start_pictures
+from distdet.training.repeat_factors import RepeatFactors, run_repeat_factors
 from distdet.training.results_csv import write_results_csv
 from distdet.training.optim import ScheduleClock, build_optimizer, build_scheduler, effective_lr, resolve_warmup_steps
 from distdet.training.run_logging import Progress, RunLog, configure_logging
@@ -189,14 +190,17 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
     # a resumed run keeps the split of the run it resumes (its split.json), unless told otherwise
     resume_split = resume_from.parent.parent / SPLIT_NAME if resume_from is not None else None
     data = prepare_data(cfg, run_dir, accelerator, resume_split=resume_split)
-    sampler, loader = _train_loader(cfg, accelerator, data)
+    repeats = run_repeat_factors(cfg.repeat_factor_threshold, data.train_records, data.class_names)
+    sampler, loader = _train_loader(cfg, accelerator, data, repeats)
     steps_per_epoch = math.ceil(len(sampler.epoch_batches()) / cfg.grad_accum_steps)
+    clock = ScheduleClock.fresh(steps_per_epoch, sampler.epoch_steps(cfg.epochs, cfg.grad_accum_steps)
+                                if repeats is not None else None)  # epochs of different lengths
 
     global_batch = cfg.batch_size * world * cfg.grad_accum_steps
     lr = effective_lr(cfg, global_batch)
-    model, optimizer, scheduler = _model_and_optimizer(cfg, accelerator, lr, steps_per_epoch, len(data.class_names))
+    model, optimizer, scheduler = _model_and_optimizer(cfg, accelerator, lr, clock, len(data.class_names))
     ema = build_ema(cfg, accelerator.unwrap_model(model), cfg.epochs * steps_per_epoch)
-    state = TrainerState(**layout_fields(cfg, world), schedule=ScheduleClock.fresh(steps_per_epoch).to_json())
+    state = TrainerState(**layout_fields(cfg, world), schedule=clock.to_json())
     settings, layout_change, resume_changes = run_settings(cfg, data.train_records), None, {}
     if resume_from is not None:
         state, layout_change, resume_changes = _resume(
@@ -210,7 +214,9 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
                 "mixed_precision": accelerator.mixed_precision, "data_dir": str(data.data_dir),
                 "train_images": len(data.train), "val_images": len(data.val or []), "test_images": len(data.test),
                 "class_names": list(data.class_names), **data.card_info(),
-                "data_fingerprint": settings["data_fingerprint"], "resume_changes": resume_changes}
+                "data_fingerprint": settings["data_fingerprint"], "resume_changes": resume_changes,
+                "repeat_factors": repeats.to_json() if repeats is not None else None,
+                "steps_by_epoch": list(clock.epoch_steps) if clock.epoch_steps is not None else None}
     if layout_change is not None:
         resolved["layout_change"] = layout_change.to_json()
     if accelerator.is_main_process:
@@ -224,7 +230,7 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
         log.event("layout_changed", **layout_change.to_json())
     logger.info("run folder %s; %d processes on %s; %d train images, %d steps/epoch, global batch %d, lr %.5g",
                 run_dir, world, accelerator.device, len(data.train), steps_per_epoch, global_batch, lr)
-    progress = Progress(cfg.progress and accelerator.is_main_process, cfg.epochs * steps_per_epoch, state.global_step)
+    progress = Progress(cfg.progress and accelerator.is_main_process, clock.total_steps(cfg.epochs), state.global_step)
     hooks = DebugHooks(cfg.debug_nan_at_step, cfg.debug_nan_rank, cfg.debug_record_samples, run_dir,
                        accelerator.process_index)
     run = Run(cfg, accelerator, run_dir, data, sampler, loader, model, optimizer, scheduler, log, progress, stop,
@@ -235,15 +241,17 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
     return run, LoopState(state, last_saved_step=state.global_step if resume_from else -1)
 
 
-def _train_loader(cfg: TrainConfig, accelerator: Accelerator,
-                  data: TrainingData) -> tuple[EpochBatchSampler, DataLoader]:
-    """The sharded, optionally aspect-ratio-grouped batch sampler and the DataLoader over it."""
+def _train_loader(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData,
+                  repeats: RepeatFactors | None) -> tuple[EpochBatchSampler, DataLoader]:
+    """The sharded, optionally aspect-ratio-grouped and repeat-factor-expanded batch sampler and the
+    DataLoader over it."""
     train_set = SeededSampleDataset(data.train, cfg.seed)
     group_ids = None
     if cfg.aspect_ratio_group_factor >= 0:
         group_ids = aspect_ratio_groups(_aspect_ratios(data), cfg.aspect_ratio_group_factor)
     sampler = EpochBatchSampler(len(train_set), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
-                                cfg.seed, group_ids=group_ids)
+                                cfg.seed, group_ids=group_ids,
+                                repeat_factors=repeats.image_factors if repeats is not None else None)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_detection,
                         pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.workers > 0,
                         worker_init_fn=ignore_stop_signals_in_worker,  # a stop signal is the main process's
@@ -257,7 +265,7 @@ def _aspect_ratios(data: TrainingData) -> list[float]:
     return [r.width / r.height for r in data.train_records]
 
 
-def _model_and_optimizer(cfg: TrainConfig, accelerator: Accelerator, lr: float, steps_per_epoch: int,
+def _model_and_optimizer(cfg: TrainConfig, accelerator: Accelerator, lr: float, clock: ScheduleClock,
                          num_classes: int):
     """The detector (``num_classes`` classes plus background) and optimizer wrapped by ``accelerator.prepare``
     (DDP with several processes), and the schedule, stepped by the loop once per optimizer step and
@@ -271,7 +279,7 @@ def _model_and_optimizer(cfg: TrainConfig, accelerator: Accelerator, lr: float, 
                             rpn_batch_size_per_image=cfg.rpn_batch_size_per_image)
     attach_batch_scales(model, cfg.seed)  # several --min-size: the seeded size of each batch
     optimizer = build_optimizer(model, cfg, lr)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg, clock.steps_per_epoch, clock.epoch_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     return model, optimizer, scheduler
 
