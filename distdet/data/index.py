@@ -72,9 +72,9 @@ def find_layout(data_dir: Path) -> tuple[Path, Path]:
     """Return ``(images_dir, annotations_dir)`` of ``data_dir``; raise DataError if neither layout fits."""
     if not data_dir.is_dir():
         raise DataError.single(ProblemKind.NOT_A_FILE, data_dir, "dataset folder does not exist")
-    for images, annotations in LAYOUTS:
-        if (data_dir / images).is_dir() and (data_dir / annotations).is_dir():
-            return data_dir / images, data_dir / annotations
+    for images, labels in LAYOUTS:
+        if (data_dir / images).is_dir() and (data_dir / labels).is_dir():
+            return data_dir / images, data_dir / labels
     wanted = " or ".join(f"{i}/ + {a}/" for i, a in LAYOUTS)
     raise DataError.single(ProblemKind.NOT_A_FILE, data_dir, f"expected subfolders {wanted}")
 

@@ -663,6 +663,3 @@ def _write_config(run_dir: Path, cfg: TrainConfig, resolved: dict[str, Any], dat
         "time": datetime.now().isoformat(timespec="seconds"),
     })
 
-
-if __name__ == "__main__":
-    sys.exit(main())
