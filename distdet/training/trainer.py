@@ -199,7 +199,7 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Run, LoopState]
     global_batch = cfg.batch_size * world * cfg.grad_accum_steps
     lr = effective_lr(cfg, global_batch)
     model, optimizer, scheduler = _model_and_optimizer(cfg, accelerator, lr, clock, len(data.class_names))
-    ema = build_ema(cfg, accelerator.unwrap_model(model), cfg.epochs * steps_per_epoch)
+    ema = build_ema(cfg, accelerator.unwrap_model(model), clock.total_steps(cfg.epochs))
     state = TrainerState(**layout_fields(cfg, world), schedule=clock.to_json())
     settings, layout_change, resume_changes = run_settings(cfg, data.train_records), None, {}
     if resume_from is not None:
