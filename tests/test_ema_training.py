@@ -99,7 +99,8 @@ def _raw_model(run_dir: Path) -> torch.nn.Module:
 
 def test_validation_and_test_scores_are_those_of_the_ema_weights(ema_run, tmp_path):
     """model.pt (the EMA's weights), evaluated on one process, reproduces the last validation's
-    metrics and the final test evaluation's detections, which the 2 ranks computed; the raw
+    metrics and the final test evaluation's detections, which the 2 ranks computed (up to float
+    rounding: the ranks ran 1 torch thread each, this process runs the suite's count); the raw
     weights give other numbers."""
     ema_model, card = load_detector_model(ema_run)
     models, accelerator = {"ema": ema_model, "raw": _raw_model(ema_run)}, Accelerator(cpu=True)
@@ -108,15 +109,39 @@ def test_validation_and_test_scores_are_those_of_the_ema_weights(ema_run, tmp_pa
               for name, model in models.items()}
     last_val = [r for r in read_jsonl(ema_run / "metrics.jsonl") if r["kind"] == "val"][-1]
     assert last_val["step"] == 4 and last_val["coco/AR100"] > 0
-    assert {k: last_val[k] for k in scores["ema"]} == scores["ema"]
-    assert {k: last_val[k] for k in scores["raw"]} != scores["raw"]
+    # the ranks ran 1 torch thread each, this process may run more: equal up to float rounding
+    assert {k: last_val[k] for k in scores["ema"]} == pytest.approx(scores["ema"], abs=1e-6)
+    assert {k: last_val[k] for k in scores["raw"]} != pytest.approx(scores["raw"], abs=1e-6)
 
     for name, model in models.items():
         evaluate_model(model, _evaluation(ema_run, "test"), accelerator, class_names=card.class_names, batch_size=1,
                        out_dir=tmp_path / name, num_rendered=0)
-    during_training = (ema_run / "test_eval" / "predictions.json").read_text()
-    assert (tmp_path / "ema" / "predictions.json").read_text() == during_training
-    assert (tmp_path / "raw" / "predictions.json").read_text() != during_training
+    during_training = json.loads((ema_run / "test_eval" / "predictions.json").read_text())
+    assert _same_detections(json.loads((tmp_path / "ema" / "predictions.json").read_text()), during_training)
+    assert not _same_detections(json.loads((tmp_path / "raw" / "predictions.json").read_text()), during_training)
+
+
+def _same_detections(a: list[dict], b: list[dict], box_tol: float = 1e-3, score_tol: float = 1e-5) -> bool:
+    """The same detections per (image, class) up to float rounding (thread counts change the last
+    bits, and with them the order of near-equal scores): counts, sorted scores, and every box of
+    one side matched by a box of the other."""
+    def groups(detections: list[dict]) -> dict[tuple[int, int], list[dict]]:
+        out: dict[tuple[int, int], list[dict]] = {}
+        for d in detections:
+            out.setdefault((d["image_id"], d["category_id"]), []).append(d)
+        return out
+
+    ga, gb = groups(a), groups(b)
+    if ga.keys() != gb.keys():
+        return False
+    for key, da in ga.items():
+        db = gb[key]
+        scores_a, scores_b = sorted(d["score"] for d in da), sorted(d["score"] for d in db)
+        if len(da) != len(db) or any(abs(x - y) > score_tol for x, y in zip(scores_a, scores_b)):
+            return False
+        if not all(any(max(abs(p - q) for p, q in zip(d["bbox"], e["bbox"])) <= box_tol for e in db) for d in da):
+            return False
+    return True
 
 
 def test_evaluate_and_predict_load_the_ema_model(ema_run, tmp_path):
