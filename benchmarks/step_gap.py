@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 CPU_2PROC = REPO / "launch" / "accelerate" / "cpu_2proc.yaml"
 sys.path.insert(0, str(REPO))
 
-from train_loops import bare_step, child_env, measured_run_flags, trainer_batches, trainer_throughput  # noqa: E402
+from train_loops import bare_step, child_env, free_port, measured_run_flags, trainer_batches, trainer_throughput  # noqa: E402
 
 #: Allocator variants a row name can end with: extra train.py flags and environment (read at
 #: process start). Without a suffix a row uses the recipe's ``--malloc`` (distdet's default
@@ -171,14 +171,6 @@ def run_row(row: str, args: argparse.Namespace, tmp: Path, tag: str, batch_size:
     return {"s_per_step": batch_size / speed["images_per_s"], "mean_s_per_step": batch_size / speed["images_per_s"],
             "user_s_per_step": usage.ru_utime / total_steps, "sys_s_per_step": usage.ru_stime / total_steps,
             "minor_faults_per_step": usage.ru_minflt / total_steps, "whole_run": True}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

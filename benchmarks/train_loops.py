@@ -49,6 +49,15 @@ def child_env(threads: int | None = None, extra: dict[str, str] | None = None) -
     return env
 
 
+def free_port() -> int:
+    """A free TCP port on this machine, for ``accelerate launch --main_process_port``."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def measured_run_flags(max_steps: int, run_dir: Path) -> list[str]:
     """train.py flags that make a run a measurement: a step count, no evaluation, sample ids recorded.
 

@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from train_loops import (  # noqa: E402 - benchmarks/ is on sys.path when run as a script
-    bare_run, bare_step, child_env, measured_run_flags, same_batches, timed_loop, trainer_image_ids,
+    bare_run, bare_step, child_env, free_port, measured_run_flags, same_batches, timed_loop, trainer_image_ids,
     trainer_throughput,
 )
 
@@ -163,14 +163,6 @@ class PeakRss:
         return sorted(v / 2**20 for v in self.peaks.values())
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 
 def _run(cmd: list[str], env: dict[str, str], marker: str) -> tuple[list[float], str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -207,7 +199,7 @@ def run_distdet(args: argparse.Namespace, threads: int, processes: int, tmp: Pat
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml"), "--num_processes", str(processes),
-               "--main_process_port", str(_free_port()), *train]
+               "--main_process_port", str(free_port()), *train]
     peaks, _ = _run(cmd + extra_flags, child_env(threads), "train.py")
     return {**trainer_throughput(run_dir, args.warmup, args.batch_size * processes), "peak_rss_mib": peaks}
 
