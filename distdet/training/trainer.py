@@ -78,6 +78,7 @@ from distdet.training.data_setup import SPLIT_NAME, TrainingData, prepare_data
 from distdet.training.debug_hooks import DebugHooks
 from distdet.training.elastic import LayoutChange, ResumeContext, continue_on_layout, layout_fields
 from distdet.runtime.accelerator import LaunchError, agree_any, build_accelerator
+from distdet.runtime.malloc import release_free_memory
 from distdet.training.pictures import PREVIEW_BATCHES, write_start_pictures
 from distdet.training.repeat_factors import RepeatFactors, run_repeat_factors
 from distdet.training.results_csv import write_results_csv
@@ -558,6 +559,7 @@ def _weights_for_use(run: Run) -> torch.nn.Module:
 
 def _evaluate(run: Run, weights: torch.nn.Module, dataset, out_dir: Path | None = None) -> dict[str, Any]:
     """Score ``weights`` on ``dataset`` with every rank (see :func:`distdet.eval.evaluate_model`)."""
+    release_free_memory()  # before the evaluation's DataLoader workers fork from this process
     return evaluate_model(weights, dataset, run.accelerator,
                           class_names=run.data.class_names, category_ids=run.data.category_ids,
                           batch_size=run.cfg.eval_batch_size, num_workers=run.cfg.workers, out_dir=out_dir)
